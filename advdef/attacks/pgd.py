@@ -1,0 +1,174 @@
+"""Projected gradient descent in the l-inf ball, and the attacks built on it (FGSM, PGD, CW).
+
+One implementation serves evaluation and adversarial training. It keeps, per example, any
+iterate that is misclassified (AutoAttack's best-adversarial tracking), so an attack that passes
+through an adversarial point never "forgets" it; restarts run only on points still unbroken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from fractions import Fraction
+
+import torch
+
+from advdef.attacks.base import Attack
+from advdef.attacks.losses import cross_entropy, margin
+from advdef.registry import ATTACKS
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+EIGHT_255 = Fraction(8, 255)
+
+
+def pgd_attack(
+    forward: Forward,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    random_start: bool = True,
+    restarts: int = 1,
+    loss: str = "ce",
+    kappa: float = 0.0,
+    generator: torch.Generator | None = None,
+    track_best: bool = True,
+) -> torch.Tensor:
+    """l-inf PGD maximising `loss`; returns adversarial inputs within eps of x and in [0,1].
+
+    With `track_best`, an example's result is the first iterate found misclassified (else the
+    iterate of highest loss); without it (adversarial training), the last iterate.
+    """
+    def objective(logits: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(logits, y_active) if loss == "ce" else margin(logits, y_active, kappa)
+
+    best = x.clone()
+    best_loss = torch.full((len(x),), float("-inf"), device=x.device)
+    broken = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    for _ in range(restarts):
+        active = torch.nonzero(~broken).flatten() if track_best else torch.arange(len(x), device=x.device)
+        if len(active) == 0:
+            break
+        x_orig, y_active = x[active], y[active]
+        if random_start:
+            noise = torch.rand(x_orig.shape, generator=generator).to(x.device, x.dtype)
+            delta = (2 * noise - 1) * eps
+            x_adv = (x_orig + delta).clamp(0, 1)
+        else:
+            x_adv = x_orig.clone()
+        # With best-tracking, one extra forward scores the last iterate; training skips it.
+        for step in range(steps + 1 if track_best else steps):
+            x_adv.requires_grad_(True)
+            with torch.enable_grad():
+                logits = forward(x_adv)
+                per_example = objective(logits)
+                gradient = torch.autograd.grad(per_example.sum(), x_adv)[0] if step < steps else None
+            x_adv = x_adv.detach()
+            if track_best:
+                _record(best, best_loss, broken, active, x_adv, per_example.detach(), logits.detach().argmax(1) != y_active)
+            if gradient is None:
+                break
+            x_adv = x_adv + alpha * gradient.sign()
+            x_adv = torch.min(torch.max(x_adv, x_orig - eps), x_orig + eps).clamp(0, 1)
+        if not track_best:
+            best[active] = x_adv
+    return best
+
+
+def _record(
+    best: torch.Tensor,
+    best_loss: torch.Tensor,
+    broken: torch.Tensor,
+    active: torch.Tensor,
+    x_adv: torch.Tensor,
+    loss: torch.Tensor,
+    misclassified: torch.Tensor,
+) -> None:
+    """Keep the first misclassified iterate per example, else the highest-loss one."""
+    newly_broken = misclassified & ~broken[active]
+    better = (loss > best_loss[active]) & ~broken[active]
+    take = newly_broken | better
+    rows = active[take]
+    best[rows] = x_adv[take]
+    best_loss[rows] = loss[take]
+    broken[active[newly_broken]] = True
+
+
+@ATTACKS.register("fgsm")
+class FGSM(Attack):
+    """FGSM (Goodfellow et al. 2015): one eps-step on the sign of the CE gradient, no random start."""
+
+    name = "fgsm"
+
+    def __init__(self, *, eps: Fraction = EIGHT_255) -> None:
+        super().__init__(eps=eps)
+
+    def perturb(self, view, x, y, generator):
+        return pgd_attack(view, x, y, eps=float(self.eps), alpha=float(self.eps), steps=1,
+                          random_start=False, generator=generator)
+
+
+@ATTACKS.register("pgd", shorthand="steps")
+class PGD(Attack):
+    """PGD (Madry et al. 2018), l-inf: random start, step eps/4 (2/255 at 8/255), CE loss, best iterate kept; `pgd20` = 20 steps."""
+
+    name = "pgd"
+
+    def __init__(
+        self,
+        *,
+        eps: Fraction = EIGHT_255,
+        steps: int = 20,
+        alpha: Fraction | float | None = None,
+        restarts: int = 1,
+        random_start: bool = True,
+        loss: str = "ce",
+        kappa: float = 0.0,
+    ) -> None:
+        super().__init__(eps=eps)
+        if steps < 1 or restarts < 1:
+            raise ValueError("steps and restarts must be at least 1")
+        if loss not in ("ce", "margin"):
+            raise ValueError(f"loss must be 'ce' or 'margin', got '{loss}'")
+        if alpha is not None and not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        self.steps = steps
+        self.alpha = Fraction(eps) / 4 if alpha is None else alpha  # 2/255 at eps 8/255
+        self.restarts = restarts
+        self.random_start = random_start
+        self.loss = loss
+        self.kappa = kappa
+
+    def perturb(self, view, x, y, generator):
+        return pgd_attack(
+            view, x, y, eps=float(self.eps), alpha=float(self.alpha),
+            steps=self.steps, random_start=self.random_start, restarts=self.restarts,
+            loss=self.loss, kappa=float(self.kappa), generator=generator,
+        )
+
+
+@ATTACKS.register("cw")
+class CW(PGD):
+    """CW-inf as in the seed papers' tables: PGD-30 on the per-example CW margin loss, kappa 50."""
+
+    name = "cw"
+
+    def __init__(
+        self,
+        *,
+        eps: Fraction = EIGHT_255,
+        steps: int = 30,
+        alpha: Fraction | float | None = None,
+        restarts: int = 1,
+        random_start: bool = True,
+        kappa: float = 50.0,
+    ) -> None:
+        super().__init__(eps=eps, steps=steps, alpha=alpha, restarts=restarts,
+                         random_start=random_start, loss="margin", kappa=kappa)
+
+    @property
+    def params(self):
+        params = super().params
+        params.pop("loss")
+        return params

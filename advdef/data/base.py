@@ -1,0 +1,198 @@
+"""Dataset contract: images as uint8 tensors in memory, served as float batches in [0,1].
+
+Keeping decoded uint8 tensors (CIFAR-10 train is 150 MB) makes every epoch and every attack read
+memory, not disk, and makes shuffling and augmentation reproducible from a seed, which is what
+lets an interrupted training run resume bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model needs to know about a dataset, available without loading it."""
+
+    name: str
+    input_shape: tuple[int, int, int]  # C, H, W
+    num_classes: int
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    # Training augmentation: "crop_flip" (CIFAR/SVHN papers), "crop" (digits: flips change digits), "none".
+    augment: str = "crop_flip"
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "augment": self.augment,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> DataInfo:
+        return cls(
+            name=data["name"],
+            input_shape=tuple(data["input_shape"]),
+            num_classes=int(data["num_classes"]),
+            class_names=tuple(data["class_names"]),
+            mean=tuple(data["mean"]),
+            std=tuple(data["std"]),
+            augment=data.get("augment", "none"),
+        )
+
+
+@dataclass
+class Split:
+    """Images (uint8, N×C×H×W), labels and each sample's index in the source split."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    ids: torch.Tensor = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.ids is None:
+            self.ids = torch.arange(len(self.labels))
+        if not (len(self.images) == len(self.labels) == len(self.ids)):
+            raise ValueError("images, labels and ids differ in length")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, positions: torch.Tensor) -> Split:
+        return Split(self.images[positions], self.labels[positions], self.ids[positions])
+
+    def float_images(self, positions: torch.Tensor | slice | None = None) -> torch.Tensor:
+        images = self.images if positions is None else self.images[positions]
+        return images.float().div_(255.0)
+
+    def ids_hash(self) -> str:
+        """A short hash of the sample ids: two evaluations are comparable only on equal hashes."""
+        return hashlib.sha256(self.ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+def balanced_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """A seeded, class-balanced choice of `n` positions (sorted), as evaluation subsets should be.
+
+    Classes get n // K each; the remainder goes to the first classes in a seeded order. A class
+    with too few samples gives what it has and the rest is filled from the others.
+    """
+    total = len(labels)
+    if n >= total:
+        return torch.arange(total)
+    generator = torch.Generator().manual_seed(seed)
+    classes = torch.unique(labels)
+    per_class = {int(c): torch.nonzero(labels == c).flatten() for c in classes}
+    shuffled = {c: idx[torch.randperm(len(idx), generator=generator)] for c, idx in per_class.items()}
+    order = [int(classes[i]) for i in torch.randperm(len(classes), generator=generator)]
+    quota = {c: n // len(classes) for c in order}
+    for c in order[: n % len(classes)]:
+        quota[c] += 1
+    chosen: list[torch.Tensor] = []
+    leftovers: list[torch.Tensor] = []
+    for c in order:
+        take = min(quota[c], len(shuffled[c]))
+        chosen.append(shuffled[c][:take])
+        leftovers.append(shuffled[c][take:])
+    picked = torch.cat(chosen)
+    missing = n - len(picked)
+    if missing > 0:
+        pool = torch.cat(leftovers)
+        pool = pool[torch.randperm(len(pool), generator=generator)]
+        picked = torch.cat([picked, pool[:missing]])
+    return torch.sort(picked).values
+
+
+def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Hold out a class-balanced validation split from train, for checkpoint selection.
+
+    The test split is never used to pick checkpoints; this split is.
+    """
+    n_val = max(int(round(len(train) * fraction)), 1)
+    val_positions = balanced_indices(train.labels, n_val, seed)
+    keep = torch.ones(len(train), dtype=torch.bool)
+    keep[val_positions] = False
+    return train.subset(torch.nonzero(keep).flatten()), train.subset(val_positions)
+
+
+def limit_split(split: Split, limit: int | None, seed: int) -> Split:
+    if limit is None or limit >= len(split):
+        return split
+    if limit < 1:
+        raise ValueError(f"a limit must be a positive number of samples, got {limit}")
+    return split.subset(balanced_indices(split.labels, limit, seed))
+
+
+def augment_batch(images: torch.Tensor, mode: str, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Random crop with zero padding (and horizontal flip for "crop_flip") on a uint8/float batch."""
+    if mode == "none":
+        return images
+    n, _, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator)
+    out = torch.empty_like(images)
+    for i in range(n):
+        top, left = int(offsets[i, 0]), int(offsets[i, 1])
+        out[i] = padded[i, :, top : top + height, left : left + width]
+    if mode == "crop_flip":
+        flip = torch.rand(n, generator=generator) < 0.5
+        out[flip] = out[flip].flip(-1)
+    return out
+
+
+def iterate_batches(
+    split: Split,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    augment: str = "none",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield (float images in [0,1], labels, ids) batches; shuffling/augmentation seeded by `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(split), generator=generator) if shuffle else torch.arange(len(split))
+    for start in range(0, len(split), batch_size):
+        positions = order[start : start + batch_size]
+        images = split.images[positions]
+        if augment != "none":
+            images = augment_batch(images, augment, generator)
+        yield images.float().div_(255.0), split.labels[positions], split.ids[positions]
+
+
+class DatasetPlugin:
+    """Base of dataset plugins: `info` without I/O, `load(split)` returning a Split."""
+
+    info: DataInfo
+
+    def load(self, split: str, *, limit: int | None = None, seed: int = 0) -> Split:
+        raise NotImplementedError
+
+
+@dataclass
+class LoadedData:
+    """Train/validation/test splits ready for training and evaluation."""
+
+    info: DataInfo
+    train: Split
+    val: Split
+    test: Split | None = None
+
+
+def load_for_training(
+    dataset: DatasetPlugin, *, limit_train: int | None, val_fraction: float, seed: int
+) -> LoadedData:
+    """Train split (optionally limited) with a validation split carved from it."""
+    train = dataset.load("train", limit=limit_train, seed=seed)
+    if len(train) < 2:
+        raise ValueError("need at least 2 training samples to carve a validation split")
+    train, val = carve_validation(train, val_fraction, seed)
+    return LoadedData(dataset.info, train, val)

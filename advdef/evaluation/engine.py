@@ -1,0 +1,232 @@
+"""Evaluation: run attacks over a fixed test subset and store every (sample, attack) outcome.
+
+Rules that keep numbers honest:
+- the model is seen only through the eval-mode, label-free `LogitsView`;
+- every attack starts from the original image, and a sample counts as robust only if it is
+  clean-correct and survives every attack (the per-sample worst case);
+- samples already broken by an earlier attack are not attacked again (their outcome is NULL),
+  which saves time and cannot change the worst case;
+- each attack's output is re-scored through the view and checked against the eps budget;
+- attacks run over fixed batches of the eligible samples with a per-batch seed, and each batch is
+  one transaction, so a killed evaluation resumes where it stopped with the same results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import torch
+
+from advdef.attacks.base import check_budget, eval_mode
+from advdef.attacks.pgd import EIGHT_255
+from advdef.data.base import Split, balanced_indices
+from advdef.device import prepare, select_device
+from advdef.errors import UserError
+from advdef.progress import Reporter, SilentReporter
+from advdef.registry import ATTACKS
+from advdef.specs import format_value
+from advdef.store import Store
+from advdef.training.config import TrainConfig
+from advdef.training.trainer import load_run_model, open_dataset
+from advdef.versions import library_versions
+
+CLEAN = "clean"
+
+
+@dataclass
+class EvalConfig:
+    """What to measure: attacks, threat model and sample set."""
+
+    attacks: list[str] = field(default_factory=lambda: ["fgsm", "pgd20", "cw", "aa"])
+    eps: Fraction = EIGHT_255
+    n: int | None = 1000
+    seed: int = 0
+    batch_size: int = 256
+    limit_test: int | None = None
+    data_dir: str | None = None
+    download: bool = False
+    device: str = "auto"
+    epoch: int | None = None  # default: the run's selected (best) epoch
+
+    def canonical_attacks(self) -> list[str]:
+        """Canonical attack specs with every parameter resolved (eps excluded: it is the protocol's)."""
+        specs = []
+        for text in self.attacks:
+            if "eps" in ATTACKS.parse(text)[1].params:
+                raise UserError(f"attack '{text}' sets eps; set the threat model with --eps for all attacks")
+            specs.append(ATTACKS.create(text, eps=Fraction(self.eps)).spec())
+        if len(set(specs)) != len(specs):
+            raise UserError("the same attack is listed twice")
+        return specs
+
+
+def batch_seed(seed: int, attack: str, first_sample_id: int) -> int:
+    digest = hashlib.sha256(f"{seed}|{attack}|{first_sample_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def protocol_key(protocol: dict) -> str:
+    """Evaluations with equal keys measured the same model on the same samples and threat model."""
+    keyed = {k: protocol[k] for k in ("dataset", "split", "sample_hash", "eps", "norm", "seed", "epoch")}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def select_samples(test: Split, n: int | None, seed: int) -> Split:
+    if n is None or n >= len(test):
+        return test
+    if n < 1:
+        raise UserError(f"--n must be at least 1, got {n}")
+    return test.subset(balanced_indices(test.labels, n, seed))
+
+
+@dataclass
+class EvaluationTarget:
+    """A loaded run ready to attack; `view` is set while the model is held in eval mode."""
+
+    run: dict
+    model: torch.nn.Module
+    samples: Split
+    protocol: dict
+    device: torch.device
+    view: torch.nn.Module | None = None
+
+
+def load_target(store: Store, run_id: str, config: EvalConfig) -> EvaluationTarget:
+    """Load a run's selected checkpoint and the seeded, class-balanced test subset."""
+    run = store.get_run(run_id)
+    train_config = TrainConfig.from_json(run["config"])
+    device = select_device(config.device)
+    built, card = load_run_model(run, device, config.epoch, train_config.channels_last)
+    dataset = open_dataset(train_config.data, config.data_dir or train_config.data_dir, config.download)
+    test = dataset.load("test", limit=config.limit_test, seed=config.seed)
+    samples = select_samples(test, config.n, config.seed)
+    protocol = {
+        "dataset": dataset.info.name,
+        "split": "test",
+        "n": len(samples),
+        "sample_hash": samples.ids_hash(),
+        "eps": format_value(Fraction(config.eps)),
+        "norm": "Linf",
+        "seed": config.seed,
+        "epoch": card["epoch"],
+        "checkpoint_rule": train_config.selection if config.epoch is None else "explicit epoch",
+        "model_mode": "eval",
+        "wrapper": "LogitsView (label-free, float32 logits)",
+        "precision": "fp32",
+        "device": str(device),
+        "batch_size": config.batch_size,
+        "limit_test": config.limit_test,
+        "versions": library_versions(),
+    }
+    return EvaluationTarget(run, built.model, samples, protocol, device)
+
+
+def evaluate_run(store: Store, run_id: str, config: EvalConfig, reporter: Reporter | None = None) -> int:
+    """Evaluate one run with every attack of `config`; returns the evaluation id."""
+    reporter = reporter or SilentReporter()
+    attacks = config.canonical_attacks()
+    target = load_target(store, run_id, config)
+    eval_id = store.get_or_create_evaluation(
+        run_id, protocol_key(target.protocol), target.protocol, target.samples.ids.tolist()
+    )
+    with eval_mode(target.model) as view:
+        target.view = view
+        run_clean(store, eval_id, target, config, reporter)
+        for spec in attacks:
+            run_attack(store, eval_id, target, spec, config, reporter)
+    return eval_id
+
+
+def _batches(positions: torch.Tensor, batch_size: int):
+    for start in range(0, len(positions), batch_size):
+        yield positions[start : start + batch_size]
+
+
+def run_clean(store: Store, eval_id: int, target: EvaluationTarget, config: EvalConfig, reporter: Reporter) -> None:
+    done = {row["sample_id"] for row in store.outcomes(eval_id, CLEAN)}
+    store.start_attack(eval_id, CLEAN, {"implementation": "advdef"})
+    samples = target.samples
+    todo = torch.tensor([i for i, sid in enumerate(samples.ids.tolist()) if sid not in done], dtype=torch.long)
+    with reporter.task(f"{target.run['run_id']}: clean", len(todo)) as task:
+        for positions in _batches(todo, config.batch_size):
+            started = time.perf_counter()
+            x = prepare(samples.float_images(positions), target.device, True)
+            with torch.no_grad():
+                predictions = target.view(x).argmax(1).cpu()
+            labels = samples.labels[positions]
+            rows = [
+                (int(sid), int(label), int(pred == label), int(pred))
+                for sid, label, pred in zip(samples.ids[positions], labels, predictions)
+            ]
+            store.record_outcomes(eval_id, CLEAN, rows, time.perf_counter() - started)
+            task.advance(len(positions))
+    store.finish_attack(eval_id, CLEAN, {"implementation": "advdef"})
+
+
+def eligible_positions(store: Store, eval_id: int, target: EvaluationTarget, spec: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions to attack, positions skipped): skipped = clean-wrong or broken by an earlier attack."""
+    positions_of = {int(sid): i for i, sid in enumerate(target.samples.ids.tolist())}
+    attacks = store.eval_attacks(eval_id)
+    this = next((a for a in attacks if a["attack"] == spec), None)
+    earlier = [a["attack"] for a in attacks if this is None or a["position"] < this["position"]]
+    alive = torch.zeros(len(target.samples), dtype=torch.bool)
+    for row in store.outcomes(eval_id, CLEAN):
+        if row["robust"] == 1 and row["sample_id"] in positions_of:
+            alive[positions_of[row["sample_id"]]] = True
+    for attack in earlier:
+        if attack == CLEAN:
+            continue
+        for row in store.outcomes(eval_id, attack):
+            if row["robust"] == 0 and row["sample_id"] in positions_of:
+                alive[positions_of[row["sample_id"]]] = False
+    return torch.nonzero(alive).flatten(), torch.nonzero(~alive).flatten()
+
+
+def run_attack(
+    store: Store, eval_id: int, target: EvaluationTarget, spec: str, config: EvalConfig, reporter: Reporter
+) -> None:
+    attack = ATTACKS.create(spec, eps=Fraction(config.eps))
+    details = {"implementation": attack.implementation, "eps": target.protocol["eps"]}
+    store.start_attack(eval_id, spec, details)
+    if any(a["attack"] == spec and a["status"] == "done" for a in store.eval_attacks(eval_id)):
+        return
+    attack_positions, skipped = eligible_positions(store, eval_id, target, spec)
+    samples = target.samples
+    done = {row["sample_id"] for row in store.outcomes(eval_id, spec)}
+    skipped_rows = [
+        (int(samples.ids[p]), int(samples.labels[p]), None, None) for p in skipped.tolist()
+        if int(samples.ids[p]) not in done
+    ]
+    if skipped_rows:
+        store.record_outcomes(eval_id, spec, skipped_rows, 0.0)
+    warnings: list[str] = []
+    with reporter.task(f"{target.run['run_id']}: {spec.split(':')[0]}", len(attack_positions)) as task:
+        broken_total = 0
+        for positions in _batches(attack_positions, config.batch_size):
+            ids = samples.ids[positions]
+            if int(ids[0]) in done:  # this batch was stored before an interruption
+                task.advance(len(positions))
+                continue
+            started = time.perf_counter()
+            x = prepare(samples.float_images(positions), target.device, True)
+            y = samples.labels[positions].to(target.device)
+            x_adv = attack(target.view, x, y, seed=batch_seed(config.seed, spec, int(ids[0])))
+            check_budget(x, x_adv, float(config.eps))
+            with torch.no_grad():
+                predictions = target.view(x_adv).argmax(1)
+            robust = (predictions == y).cpu()
+            warnings.extend(getattr(attack, "warnings", []))
+            rows = [
+                (int(sid), int(label), int(ok), int(pred))
+                for sid, label, ok, pred in zip(ids, y.cpu(), robust, predictions.cpu())
+            ]
+            store.record_outcomes(eval_id, spec, rows, time.perf_counter() - started)
+            broken_total += int((~robust).sum())
+            task.advance(len(positions), status=f"broken {broken_total}")
+    details["warnings"] = sorted(set(warnings))
+    store.finish_attack(eval_id, spec, details)
+

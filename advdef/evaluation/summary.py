@@ -1,0 +1,101 @@
+"""Aggregates of one evaluation, all derived from the stored per-sample outcomes.
+
+Robust accuracy under an attack counts a sample robust only if it was clean-correct and the
+attack did not break it; samples an earlier attack already broke (outcome NULL) count as not
+robust, so each attack's column is the accuracy after it and every earlier attack. The worst
+case is the per-sample minimum over all attacks — never an average of per-attack accuracies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from advdef.evaluation.engine import CLEAN
+from advdef.evaluation.stats import Proportion
+from fractions import Fraction
+
+from advdef.attacks.pgd import EIGHT_255
+from advdef.registry import ATTACKS
+from advdef.specs import Spec, parse_spec
+from advdef.store import Store
+
+
+@dataclass
+class AttackResult:
+    spec: str
+    label: str
+    robust: Proportion
+    attacked: int
+    seconds: float
+    complete: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalSummary:
+    eval_id: int
+    run: dict
+    protocol: dict
+    clean: Proportion
+    attacks: list[AttackResult]
+    worst: Proportion
+    seconds: float
+
+    @property
+    def complete(self) -> bool:
+        return all(a.complete for a in self.attacks)
+
+
+def short_label(spec: str, eps: Fraction = EIGHT_255) -> str:
+    """The shortest spec naming the same attack: `pgd20` for the canonical PGD-20, `aa` for standard AA."""
+    parsed = parse_spec(spec)
+    plugin, _ = ATTACKS.resolve(parsed.name)
+    defaults = parse_spec(ATTACKS.create(parsed.name, eps=eps).spec()).params
+    changed = {k: v for k, v in parsed.params.items() if defaults.get(k, object()) != v}
+    if plugin.shorthand:
+        rest = {k: v for k, v in changed.items() if k != plugin.shorthand}
+        steps = parsed.params.get(plugin.shorthand, defaults.get(plugin.shorthand))
+        return str(Spec(f"{plugin.name}{steps}", rest))
+    return str(Spec(plugin.name, changed))
+
+
+def summarize(store: Store, eval_id: int) -> EvalSummary:
+    evaluation = next(e for e in store.evaluations() if e["eval_id"] == eval_id)
+    run = store.get_run(evaluation["run_id"])
+    n = evaluation["n"]
+    outcomes = store.outcomes(eval_id)
+    by_attack: dict[str, list[dict]] = {}
+    for row in outcomes:
+        by_attack.setdefault(row["attack"], []).append(row)
+    clean_rows = by_attack.get(CLEAN, [])
+    clean_ok = {r["sample_id"] for r in clean_rows if r["robust"] == 1}
+    broken: set[int] = set()
+    results: list[AttackResult] = []
+    seconds = 0.0
+    for attack in store.eval_attacks(eval_id):
+        seconds += attack["seconds"]
+        if attack["attack"] == CLEAN:
+            continue
+        rows = by_attack.get(attack["attack"], [])
+        survived = {r["sample_id"] for r in rows if r["robust"] == 1}
+        broken |= {r["sample_id"] for r in rows if r["robust"] == 0}
+        results.append(
+            AttackResult(
+                spec=attack["attack"],
+                label=short_label(attack["attack"], Fraction(evaluation["eps"])),
+                robust=Proportion(len(survived & clean_ok), n),
+                attacked=sum(1 for r in rows if r["robust"] is not None),
+                seconds=attack["seconds"],
+                complete=attack["status"] == "done" and len(rows) == n,
+                warnings=attack["details"].get("warnings", []),
+            )
+        )
+    return EvalSummary(
+        eval_id=eval_id,
+        run=run,
+        protocol=evaluation["protocol"],
+        clean=Proportion(len(clean_ok), n),
+        attacks=results,
+        worst=Proportion(len(clean_ok - broken), n),
+        seconds=seconds,
+    )

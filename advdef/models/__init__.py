@@ -1,0 +1,48 @@
+"""Architectures and the model factory. Importing this package registers the built-in ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from advdef.data.base import DataInfo
+from advdef.models import resnet, smallcnn  # noqa: F401  (registration)
+from advdef.models.base import Classifier, Tap, count_parameters
+from advdef.registry import DEFENSES, MODELS
+from advdef.specs import Spec
+
+
+@dataclass
+class BuiltModel:
+    """A classifier with the plugins and canonical specs it was built from."""
+
+    model: Classifier
+    defense: Any
+    arch_spec: str
+    defense_spec: str
+    params_backbone: int
+
+    @property
+    def params_total(self) -> int:
+        return count_parameters(self.model)
+
+    @property
+    def params_added(self) -> int:
+        return self.params_total - self.params_backbone
+
+
+def build_model(arch: str, info: DataInfo, defense: str = "none") -> BuiltModel:
+    """Build `arch` for the dataset's shape and classes, then apply the defense's surgery."""
+    plugin, params = MODELS.resolve(arch)
+    data_derived = {"in_channels": info.input_shape[0], "num_classes": info.num_classes}
+    arch_params = {k: v for k, v in params.items() if k not in data_derived}
+    arch_spec = str(Spec(plugin.name, arch_params))
+    net = plugin.factory(**arch_params, **data_derived)
+    model = Classifier(net, info.mean, info.std)
+    backbone_params = count_parameters(model)
+    defense_plugin = DEFENSES.create(defense)
+    defense_plugin.attach(model)
+    return BuiltModel(model, defense_plugin, arch_spec, DEFENSES.canonical(defense), backbone_params)
+
+
+__all__ = ["BuiltModel", "Classifier", "Tap", "build_model", "count_parameters"]

@@ -1,0 +1,105 @@
+"""The model contract every architecture and defense shares.
+
+A `Classifier` is `normalize -> net`: inputs are [0,1] images, normalization lives inside the
+model, and `eval(); model(x)` is a pure function x -> logits. Architectures place parameter-free
+`Tap` modules at named insertion points (`layer4.0`, `layer4`, `block2`); a defense attaches its
+modules to taps, so surgery never renames the backbone's weights (standard state_dict layouts
+keep loading).
+
+Defense modules talk to the trainer through one `DefenseContext`: they write auxiliary outputs
+into it, and may read the true labels from it — but the classifier only accepts labels in
+training mode, so a label can never reach an evaluated model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel; buffers are not persisted so weight files stay standard."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+@dataclass
+class DefenseContext:
+    """State shared by a classifier's defense modules during one forward pass."""
+
+    labels: torch.Tensor | None = None
+    aux: dict[str, Any] = field(default_factory=dict)
+
+
+class Tap(nn.Module):
+    """A named insertion point: identity until a defense attaches modules to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attached = nn.ModuleList()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for module in self.attached:
+            x = module(x)
+        return x
+
+
+class Classifier(nn.Module):
+    """[0,1] images -> logits, with named insertion points and a defense context."""
+
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.net = net
+        self.context = DefenseContext()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.context.aux = {}
+        return self.net(self.normalize(x))
+
+    def insertion_points(self) -> dict[str, Tap]:
+        """Named taps of the architecture (`net.insertion_points()`)."""
+        return self.net.insertion_points()
+
+    @contextmanager
+    def labels(self, labels: torch.Tensor) -> Iterator[None]:
+        """Let defense modules see the true labels for the forward passes inside this block.
+
+        Only allowed in training mode: evaluation must never depend on labels.
+        """
+        if not self.training:
+            raise RuntimeError("labels may only be given to a model in training mode")
+        self.context.labels = labels
+        try:
+            yield
+        finally:
+            self.context.labels = None
+
+    def aux_outputs(self) -> dict[str, Any]:
+        """Auxiliary outputs the defense modules wrote during the last forward pass."""
+        return self.context.aux
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def stage_taps(stages: dict[str, nn.Sequential]) -> dict[str, Tap]:
+    """Insertion points for stages of blocks that each own a `tap`: `stage.i` per block, `stage` = last block."""
+    points: dict[str, Tap] = {}
+    for stage_name, stage in stages.items():
+        for index, block in enumerate(stage):
+            points[f"{stage_name}.{index}"] = block.tap
+        points[stage_name] = stage[-1].tap
+    return points

@@ -1,0 +1,6 @@
+"""Comparison tables from the store, rendered for terminal, Markdown, CSV and JSON."""
+
+from advdef.report.render import print_rich, to_csv, to_json, to_markdown
+from advdef.report.tables import ComparisonTable, comparison_tables
+
+__all__ = ["ComparisonTable", "comparison_tables", "print_rich", "to_csv", "to_json", "to_markdown"]

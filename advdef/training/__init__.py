@@ -1,0 +1,1 @@
+"""Adversarial-training methods and the training loop."""

@@ -1,0 +1,245 @@
+"""The training loop: any AT method x any defense x any architecture, resumable per epoch.
+
+Every epoch's randomness (shuffling, augmentation, the training attack's random starts) comes
+from a generator seeded by (run seed, epoch), so a run resumed from epoch k's checkpoint
+continues exactly as the uninterrupted run would have. The best epoch is chosen on the
+validation split carved from train; the test split is never looked at.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from advdef.attacks.base import eval_mode
+from advdef.data.base import LoadedData, Split, iterate_batches, load_for_training
+from advdef.device import autocast, grad_scaler, memory_format, prepare, select_device
+from advdef.errors import UserError
+from advdef.models import BuiltModel, build_model
+from advdef.progress import Reporter, SilentReporter
+from advdef.registry import ATTACKS, DATASETS, TRAINING
+from advdef.store import Store
+from advdef.training import checkpoint
+from advdef.training.config import TrainConfig
+from advdef.versions import library_versions
+
+
+def new_run_id(config: TrainConfig) -> str:
+    parts = [spec.split(":")[0] for spec in (config.arch, config.defense, config.at)]
+    return "-".join(parts + [secrets.token_hex(3)])
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+@dataclass
+class TrainingSession:
+    """What one training process holds: data, model, optimizer, plugins."""
+
+    config: TrainConfig
+    data: LoadedData
+    built: BuiltModel
+    method: object
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+
+
+def start_run(config: TrainConfig, store: Store, runs_dir: Path, reporter: Reporter | None = None) -> str:
+    """Create a run in the store and train it to the end; returns its run id."""
+    config.validate()
+    dataset = open_dataset(config.data, config.data_dir, config.download)
+    run_id = new_run_id(config)
+    run_dir = Path(runs_dir) / run_id
+    store.insert_run(
+        {
+            "run_id": run_id,
+            "status": "training",
+            "dataset": dataset.info.name,
+            "arch": config.arch,
+            "defense": config.defense,
+            "at_method": config.at,
+            "seed": config.seed,
+            "run_dir": str(run_dir),
+            "config": config.to_json(),
+            "versions": library_versions(),
+        }
+    )
+    train(run_id, store, reporter)
+    return run_id
+
+
+def open_dataset(spec: str, data_dir: str | None = None, download: bool = False):
+    """Create a dataset plugin, passing --data-dir/--download only to plugins that take them."""
+    accepted = set(DATASETS.resolve(spec)[1])
+    options = {"data_dir": data_dir, "download": download}
+    return DATASETS.create(spec, **{k: v for k, v in options.items() if k in accepted})
+
+
+def _session(config: TrainConfig) -> TrainingSession:
+    device = select_device(config.device)
+    dataset = open_dataset(config.data, config.data_dir, config.download)
+    data = load_for_training(dataset, limit_train=config.limit_train, val_fraction=config.val_fraction, seed=config.seed)
+    torch.manual_seed(config.seed)  # weight initialisation
+    built = build_model(config.arch, data.info, config.defense)
+    built.model.to(device, memory_format=memory_format(config.channels_last))
+    method = TRAINING.create(config.at)
+    optimizer = torch.optim.SGD(
+        built.model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    return TrainingSession(config, data, built, method, optimizer, device)
+
+
+def card_for(run: dict, session: TrainingSession) -> dict:
+    """The JSON card stored beside each checkpoint: enough to rebuild the model alone."""
+    config = session.config
+    return {
+        "run_id": run["run_id"],
+        "arch": session.built.arch_spec,
+        "defense": session.built.defense_spec,
+        "at": TRAINING.canonical(config.at),
+        "data": session.data.info.to_json(),
+        "seed": config.seed,
+        "config": config.to_json(),
+        "versions": library_versions(),
+        "params_total": session.built.params_total,
+        "params_added": session.built.params_added,
+    }
+
+
+def train(run_id: str, store: Store, reporter: Reporter | None = None) -> None:
+    """Train (or resume) run `run_id` from its last complete checkpoint to its last epoch."""
+    reporter = reporter or SilentReporter()
+    run = store.get_run(run_id)
+    config = TrainConfig.from_json(run["config"]).validate()
+    run_dir = Path(run["run_dir"])
+    session = _session(config)
+    start_epoch = 0
+    latest = checkpoint.latest_complete(run_dir)
+    if latest is not None:
+        session.built.model.load_state_dict(checkpoint.load_weights(latest))
+        checkpoint.load_optimizer_state(latest, session.optimizer)
+        start_epoch = checkpoint.read_card(latest)["epoch"]
+        reporter.message(f"resuming {run_id} after epoch {start_epoch}")
+    store.update_run(run_id, status="training")
+    card = card_for(run, session)
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        started = time.perf_counter()
+        train_metrics = train_epoch(session, epoch, reporter)
+        val_metrics = validate(session, reporter)
+        seconds = time.perf_counter() - started
+        metrics = {**train_metrics, **val_metrics, "lr": config.lr_at(epoch)}
+        card_path = checkpoint.save_checkpoint(run_dir, epoch, session.built.model, session.optimizer, card)
+        store.record_checkpoint(run_id, epoch, str(card_path), metrics, seconds)
+        best = best_epoch(store.checkpoints(run_id), config.selection)
+        store.update_run(run_id, epochs_done=epoch, best_epoch=best,
+                         train_seconds=store.get_run(run_id)["train_seconds"] + seconds)
+        prune_checkpoints(run_dir, keep={best, epoch})
+        reporter.message(
+            f"epoch {epoch}/{config.epochs}: loss {metrics['train_loss']:.4f} train acc {metrics['train_acc']:.3f} "
+            f"val clean {metrics['val_clean']:.3f}"
+            + (f" val robust {metrics['val_robust']:.3f}" if "val_robust" in metrics else "")
+            + f" ({seconds:.1f}s)"
+        )
+    store.update_run(run_id, status="trained")
+
+
+def train_epoch(session: TrainingSession, epoch: int, reporter: Reporter) -> dict[str, float]:
+    config, model = session.config, session.built.model
+    for group in session.optimizer.param_groups:
+        group["lr"] = config.lr_at(epoch)
+    generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
+    scaler = grad_scaler(session.device, config.amp)
+    train = session.data.train
+    n_batches = (len(train) + config.batch_size - 1) // config.batch_size
+    total_loss, correct, seen = 0.0, 0, 0
+    model.train()
+    with reporter.task(f"epoch {epoch}/{config.epochs}", n_batches) as task:
+        batches = iterate_batches(train, config.batch_size, shuffle=True, seed=epoch_seed(config.seed, epoch),
+                                  augment=session.data.info.augment)
+        for x, y, _ in batches:
+            x, y = prepare(x, session.device, config.channels_last), y.to(session.device)
+            with autocast(session.device, config.amp):
+                loss, logits = session.method.loss(model, x, y, session.built.defense, generator)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"training loss became {loss.item()} at epoch {epoch}; lower --lr")
+            session.optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(session.optimizer)
+            scaler.update()
+            total_loss += loss.item() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            task.advance(1, status=f"loss {total_loss / seen:.3f} acc {correct / seen:.3f}")
+    return {"train_loss": total_loss / seen, "train_acc": correct / seen}
+
+
+def validate(session: TrainingSession, reporter: Reporter) -> dict[str, float]:
+    """Clean (and, when selection needs it, PGD) accuracy on the validation split."""
+    config = session.config
+    val: Split = session.data.val
+    if len(val) > config.val_n:
+        val = val.subset(torch.arange(config.val_n))
+    needs_robust = config.selection == "val_robust"
+    attack = ATTACKS.create(config.val_attack, eps=_training_eps(session)) if needs_robust else None
+    clean = robust = 0
+    with eval_mode(session.built.model) as view:
+        for x, y, _ in iterate_batches(val, 256):
+            x, y = prepare(x, session.device, config.channels_last), y.to(session.device)
+            with torch.no_grad():
+                clean += int((view(x).argmax(1) == y).sum())
+            if attack is not None:
+                x_adv = attack(view, x, y, seed=config.seed)
+                with torch.no_grad():
+                    robust += int((view(x_adv).argmax(1) == y).sum())
+    metrics = {"val_clean": clean / len(val)}
+    if attack is not None:
+        metrics["val_robust"] = robust / len(val)
+    return metrics
+
+
+def _training_eps(session: TrainingSession):
+    from advdef.attacks.pgd import EIGHT_255
+
+    return getattr(session.method, "eps", EIGHT_255)
+
+
+def best_epoch(checkpoints: list[dict], rule: str) -> int:
+    """The selected epoch: highest validation metric (latest on ties), or the last epoch."""
+    if not checkpoints:
+        raise ValueError("no checkpoints")
+    if rule == "last":
+        return checkpoints[-1]["epoch"]
+    key = "val_robust" if rule == "val_robust" else "val_clean"
+    best = max(checkpoints, key=lambda c: (c["metrics"].get(key, -1.0), c["epoch"]))
+    return best["epoch"]
+
+
+def prune_checkpoints(run_dir: Path, keep: set[int]) -> None:
+    """Delete checkpoint files of epochs that are neither the best nor the latest (metrics stay in the store)."""
+    for card in run_dir.glob("epoch-*.json"):
+        epoch = int(card.stem.split("-")[1])
+        if epoch not in keep:
+            for path in checkpoint.paths(run_dir, epoch).values():
+                path.unlink(missing_ok=True)
+
+
+def load_run_model(run: dict, device: torch.device, epoch: int | None = None, channels_last: bool = True) -> tuple[BuiltModel, dict]:
+    """Rebuild a run's model from the card of its best (or the given) epoch, in eval mode."""
+    from advdef.data.base import DataInfo
+
+    chosen = epoch if epoch is not None else run["best_epoch"]
+    if chosen is None:
+        raise UserError(f"run '{run['run_id']}' has no finished epoch yet; train or resume it first")
+    card_path = checkpoint.paths(Path(run["run_dir"]), chosen)["card"]
+    if not card_path.exists():
+        raise UserError(f"checkpoint of epoch {chosen} of run '{run['run_id']}' is missing at {card_path}")
+    card = checkpoint.read_card(card_path)
+    built = build_model(card["arch"], DataInfo.from_json(card["data"]), card["defense"])
+    built.model.load_state_dict(checkpoint.load_weights(card_path))
+    built.model.to(device, memory_format=memory_format(channels_last)).eval()
+    return built, card

@@ -1,0 +1,44 @@
+"""Shared fixtures: small real models trained once per session on the embedded digits."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from advdef.store import Store
+from advdef.training.config import TrainConfig
+from advdef.training.trainer import start_run
+
+SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def quick_config(**overrides) -> TrainConfig:
+    """A SmallCNN config that trains in seconds on CPU."""
+    base = dict(data="digits", arch="smallcnn:width=16", defense="none", at="standard", epochs=4,
+                batch_size=64, lr=0.05, device="cpu")
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def trained_store(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A store file with a standard-trained and a PGD-AT-trained SmallCNN (run ids by method)."""
+    root = tmp_path_factory.mktemp("trained")
+    path = root / "advdef.sqlite"
+    with Store(path) as store:
+        runs = {
+            "standard": start_run(quick_config(at="standard", epochs=6), store, root / "runs"),
+            "pgd_at": start_run(quick_config(at="pgd_at:eps=16/255", epochs=6), store, root / "runs"),
+        }
+    return path, runs
+
+
+@pytest.fixture()
+def store(tmp_path) -> Store:
+    with Store(tmp_path / "advdef.sqlite") as opened:
+        yield opened
