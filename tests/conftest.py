@@ -42,3 +42,17 @@ def trained_store(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 def store(tmp_path) -> Store:
     with Store(tmp_path / "advdef.sqlite") as opened:
         yield opened
+
+
+@pytest.fixture()
+def eval_store(trained_store, tmp_path) -> tuple[Store, dict[str, str]]:
+    """A private copy of the trained store, so evaluations never leak between tests."""
+    import shutil
+
+    path, runs = trained_store
+    source = Store(path)
+    source.conn.execute("PRAGMA wal_checkpoint(FULL)")
+    source.close()
+    copy = tmp_path / "copy.sqlite"
+    shutil.copy(path, copy)
+    return Store(copy), runs

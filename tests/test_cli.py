@@ -119,8 +119,10 @@ def test_the_whole_loop_through_the_cli(tmp_path):
     assert exported.exit_code == 0 and exported.output.startswith("eval_id,attack,sample_id")
 
 
-def test_aa_runs_through_the_cli(trained_store):
-    path, runs = trained_store
+def test_aa_runs_through_the_cli(eval_store):
+    store, runs = eval_store
+    path = store.path
+    store.close()
     result = invoke("evaluate", "--attacks", "aa", "--run", runs["standard"], "--n", "12", "--eps", "16/255",
                     "--device", "cpu", store=path)
     assert result.exit_code == 0, result.output

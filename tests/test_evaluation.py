@@ -49,20 +49,6 @@ def test_worst_case_is_the_per_sample_minimum_not_the_mean():
     assert summary.clean.k == 4
 
 
-@pytest.fixture()
-def eval_store(trained_store, tmp_path):
-    """A private copy of the trained store, so evaluations don't leak between tests."""
-    import shutil
-
-    path, runs = trained_store
-    copy = tmp_path / "copy.sqlite"
-    source = Store(path)
-    source.conn.execute("PRAGMA wal_checkpoint(FULL)")
-    source.close()
-    shutil.copy(path, copy)
-    return Store(copy), runs
-
-
 def test_evaluation_stores_every_sample_and_skips_broken_ones(eval_store):
     store, runs = eval_store
     config = EvalConfig(attacks=CHEAP, n=60, device="cpu", batch_size=32)
@@ -80,7 +66,7 @@ def test_evaluation_stores_every_sample_and_skips_broken_ones(eval_store):
     summary = summarize(store, eval_id)
     assert summary.worst.k == sum(1 for s in clean if clean[s] == 1 and first[s] != 0 and second[s] != 0)
     assert summary.attacks[1].robust.k <= summary.attacks[0].robust.k
-    protocol = store.evaluations(runs["standard"])[0]["protocol"]
+    protocol = next(e for e in store.evaluations() if e["eval_id"] == eval_id)["protocol"]
     assert protocol["eps"] == "8/255" and protocol["norm"] == "Linf" and protocol["n"] == 60
     assert protocol["model_mode"] == "eval" and protocol["versions"]["torch"]
 
