@@ -46,7 +46,8 @@ def pending_runs(store: Store, config: EvalConfig) -> list[str]:
             same = (
                 protocol["eps"] == format_value(Fraction(config.eps))
                 and protocol["seed"] == config.seed
-                and (config.n is None or protocol["n"] <= config.n)
+                and protocol.get("n_requested") == config.n
+                and protocol.get("limit_test") == config.limit_test
                 and (config.epoch is None or protocol["epoch"] == config.epoch)
             )
             if same:
@@ -140,9 +141,9 @@ def _quick() -> Preset:
     # PGD-20, so the demo uses a budget at which the two models differ (as MNIST work uses 0.3).
     base = TrainConfig(data="digits", arch="smallcnn:width=16", defense="none", batch_size=64, lr=0.05)
     return Preset(
-        description="undefended vs PGD-AT SmallCNN on the embedded digits at eps 16/255; fgsm, pgd20, cw, aa (n=100)",
+        description="undefended vs PGD-AT SmallCNN on the embedded digits at eps 16/255; fgsm, pgd20, cw, aa (n=200)",
         trainings=[replace(base, at="standard", epochs=10), replace(base, at=f"pgd_at:eps={format_value(QUICK_EPS)}", epochs=15)],
-        evaluation=EvalConfig(attacks=["fgsm", "pgd20", "cw", "aa"], eps=QUICK_EPS, n=100, batch_size=100),
+        evaluation=EvalConfig(attacks=["fgsm", "pgd20", "cw", "aa"], eps=QUICK_EPS, n=200, batch_size=100),
     )
 
 

@@ -17,6 +17,7 @@ from advdef.attacks.losses import cross_entropy, margin
 from advdef.registry import ATTACKS
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> per-example loss
 EIGHT_255 = Fraction(8, 255)
 
 
@@ -30,17 +31,21 @@ def pgd_attack(
     steps: int,
     random_start: bool = True,
     restarts: int = 1,
-    loss: str = "ce",
+    loss: str | Objective = "ce",
     kappa: float = 0.0,
     generator: torch.Generator | None = None,
     track_best: bool = True,
 ) -> torch.Tensor:
     """l-inf PGD maximising `loss`; returns adversarial inputs within eps of x and in [0,1].
 
-    With `track_best`, an example's result is the first iterate found misclassified (else the
-    iterate of highest loss); without it (adversarial training), the last iterate.
+    `loss` is "ce", "margin" (CW, clamped at kappa) or a callable (logits, labels) -> per-example
+    loss, e.g. a defense's joint loss that also reads its auxiliary outputs. With `track_best`, an
+    example's result is the first iterate found misclassified (else the iterate of highest loss);
+    without it (adversarial training), the last iterate.
     """
     def objective(logits: torch.Tensor) -> torch.Tensor:
+        if callable(loss):
+            return loss(logits, y_active)
         return cross_entropy(logits, y_active) if loss == "ce" else margin(logits, y_active, kappa)
 
     best = x.clone()

@@ -9,6 +9,7 @@ adds `aux_loss` to whichever outer loss the AT method produced.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,15 @@ class Defense:
 
     def aux_loss(self, model: Classifier, labels: torch.Tensor) -> torch.Tensor | None:
         """Weighted auxiliary loss from the last forward pass, or None when the defense has none."""
+        return None
+
+    def training_attack_objective(self, model: Classifier) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """Per-example loss the AT method's inner attack maximises, when the paper's training code
+        crafts with more than the final logits' CE (e.g. a joint loss over auxiliary heads).
+
+        The callable gets (final logits, labels) right after a forward pass, so it may read
+        `model.aux_outputs()`. None means cross-entropy on the final logits.
+        """
         return None
 
     def adaptive(self) -> AdaptiveDeclaration:

@@ -23,7 +23,7 @@ import torch
 
 from advdef.attacks.base import check_budget, eval_mode
 from advdef.attacks.pgd import EIGHT_255
-from advdef.data.base import Split, balanced_indices
+from advdef.data.base import Split, limit_split
 from advdef.device import prepare, select_device
 from advdef.errors import UserError
 from advdef.progress import Reporter, SilentReporter
@@ -76,11 +76,10 @@ def protocol_key(protocol: dict) -> str:
 
 
 def select_samples(test: Split, n: int | None, seed: int) -> Split:
-    if n is None or n >= len(test):
-        return test
-    if n < 1:
+    """The evaluation's fixed sample set: a seeded, class-balanced subset of the test split."""
+    if n is not None and n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
-    return test.subset(balanced_indices(test.labels, n, seed))
+    return limit_split(test, n, seed)
 
 
 @dataclass
@@ -108,6 +107,7 @@ def load_target(store: Store, run_id: str, config: EvalConfig) -> EvaluationTarg
         "dataset": dataset.info.name,
         "split": "test",
         "n": len(samples),
+        "n_requested": config.n,
         "sample_hash": samples.ids_hash(),
         "eps": format_value(Fraction(config.eps)),
         "norm": "Linf",

@@ -38,7 +38,8 @@ def build_model(arch: str, info: DataInfo, defense: str = "none") -> BuiltModel:
     arch_params = {k: v for k, v in params.items() if k not in data_derived}
     arch_spec = str(Spec(plugin.name, arch_params))
     net = plugin.factory(**arch_params, **data_derived)
-    model = Classifier(net, info.mean, info.std)
+    model = Classifier(net, info.mean, info.std, info.input_shape)
+    model.arch = plugin.name  # defenses pick their per-architecture default insertion points by it
     backbone_params = count_parameters(model)
     defense_plugin = DEFENSES.create(defense)
     defense_plugin.attach(model)

@@ -58,11 +58,15 @@ class Tap(nn.Module):
 class Classifier(nn.Module):
     """[0,1] images -> logits, with named insertion points and a defense context."""
 
-    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(
+        self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], input_shape: tuple[int, int, int]
+    ) -> None:
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.net = net
         self.context = DefenseContext()
+        self.input_shape = tuple(input_shape)
+        self.arch = type(net).__name__  # build_model sets the registry name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.context.aux = {}
@@ -85,6 +89,34 @@ class Classifier(nn.Module):
             yield
         finally:
             self.context.labels = None
+
+    def feature_shapes(self, names: list[str] | None = None) -> dict[str, tuple[int, ...]]:
+        """Shape (C, H, W) of the features at each insertion point for this model's input size.
+
+        Defenses size their modules from this (e.g. a linear head over C*H*W features), so one
+        defense fits every architecture and input size. Runs one eval-mode forward on zeros.
+        """
+        points = self.insertion_points()
+        wanted = names if names is not None else list(points)
+        shapes: dict[str, tuple[int, ...]] = {}
+
+        def recorder(name: str):
+            def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+                shapes.setdefault(name, tuple(inputs[0].shape[1:]))
+
+            return hook
+
+        handles = [points[name].register_forward_hook(recorder(name)) for name in wanted]
+        was_training = self.training
+        try:
+            self.eval()
+            with torch.no_grad():
+                self(torch.zeros(1, *self.input_shape))
+        finally:
+            self.train(was_training)
+            for handle in handles:
+                handle.remove()
+        return shapes
 
     def aux_outputs(self) -> dict[str, Any]:
         """Auxiliary outputs the defense modules wrote during the last forward pass."""

@@ -56,7 +56,11 @@ class CifarResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def insertion_points(self) -> dict[str, Tap]:
-        return stage_taps({f"layer{i}": getattr(self, f"layer{i}") for i in range(1, 5)})
+        """`layerK.i`: output of block i of stage K (after its final ReLU); `layerK`: the stage's
+        last block; `final`: the features entering global pooling (= `layer4`)."""
+        points = stage_taps({f"layer{i}": getattr(self, f"layer{i}") for i in range(1, 5)})
+        points["final"] = points["layer4"]
+        return points
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))

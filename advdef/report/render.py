@@ -11,20 +11,22 @@ from advdef.report.tables import IDENTITY_COLUMNS, ComparisonTable
 HEADERS = {"worst": "worst case", "clean": "clean"}
 
 
-def format_cell(cell: Proportion | None) -> str:
-    """`85.0 [81.2, 88.1]`: percent with its 95% Wilson interval."""
+def format_cell(cell: Proportion | None, digits: int = 1) -> str:
+    """`85.0 [81.2, 88.1]`: percent with its 95% Wilson interval (bounds to `digits` decimals)."""
     if cell is None:
         return "—"
     low, high = cell.interval
-    return f"{100 * cell.value:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+    return f"{100 * cell.value:.1f} [{100 * low:.{digits}f}, {100 * high:.{digits}f}]"
 
 
-def _text_rows(table: ComparisonTable, identity: list[str] = IDENTITY_COLUMNS) -> tuple[list[str], list[list[str]]]:
+def _text_rows(
+    table: ComparisonTable, identity: list[str] = IDENTITY_COLUMNS, digits: int = 1
+) -> tuple[list[str], list[list[str]]]:
     headers = identity + [HEADERS.get(m, m) for m in table.metrics] + ["time (s)"]
     rows = []
     for row in table.rows:
         cells = [str(row[c]) for c in identity]
-        cells += [format_cell(row.get(m)) for m in table.metrics]
+        cells += [format_cell(row.get(m), digits) for m in table.metrics]
         cells.append(f"{row['seconds']:.0f}" + ("" if row["complete"] else " (incomplete)"))
         rows.append(cells)
     return headers, rows
@@ -71,10 +73,10 @@ def print_rich(tables: list[ComparisonTable], console) -> None:
 
     for table in tables:
         # The dataset is in the title; the terminal table keeps the columns that differ.
-        headers, rows = _text_rows(table, [c for c in IDENTITY_COLUMNS if c != "dataset"])
+        headers, rows = _text_rows(table, [c for c in IDENTITY_COLUMNS if c != "dataset"], digits=0)
         rich_table = Table(title=table.title, caption=LEGEND, caption_justify="left")
         for index, header in enumerate(headers):
-            rich_table.add_column(header, no_wrap=index == 0, overflow="fold")
+            rich_table.add_column(header, no_wrap=True, overflow="ellipsis" if index else "fold")
         for cells in rows:
             rich_table.add_row(*cells)
         console.print(rich_table)

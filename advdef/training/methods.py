@@ -77,6 +77,7 @@ class PGDAdversarialTraining(TrainingMethod):
         x_adv = craft_training_attack(
             model, x, y, eps=float(self.eps), alpha=float(self.alpha), steps=self.steps,
             random_start=self.random_start, bn_mode=self.bn_mode, generator=generator,
+            objective=defense.training_attack_objective(model),
         )
         return self.supervised(model, x_adv, y, defense)
 
@@ -92,12 +93,15 @@ def craft_training_attack(
     random_start: bool,
     bn_mode: str,
     generator: torch.Generator,
+    objective=None,
 ) -> torch.Tensor:
     """PGD examples for training, crafted with BatchNorm in `bn_mode`, model left in train mode.
 
     In train mode the defense may see labels (as the papers' training code does); in eval mode it
     may not. Parameters are frozen while crafting so only input gradients are computed.
+    `objective` (from the defense) replaces the final-logit cross-entropy when given.
     """
+    loss = objective if objective is not None else "ce"
     model.train(bn_mode == "train")
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -106,10 +110,10 @@ def craft_training_attack(
         if model.training:
             with model.labels(y):
                 x_adv = pgd_attack(model, x, y, eps=eps, alpha=alpha, steps=steps, random_start=random_start,
-                                   generator=generator, track_best=False)
+                                   loss=loss, generator=generator, track_best=False)
         else:
             x_adv = pgd_attack(model, x, y, eps=eps, alpha=alpha, steps=steps, random_start=random_start,
-                               generator=generator, track_best=False)
+                               loss=loss, generator=generator, track_best=False)
     finally:
         for p, flag in zip(model.parameters(), requires):
             p.requires_grad_(flag)
