@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from advdef.data.base import DataInfo
-from advdef.models import resnet, smallcnn  # noqa: F401  (registration)
+from advdef.models import preact_resnet, resnet, smallcnn, vgg, wide_resnet  # noqa: F401  (registration)
 from advdef.models.base import Classifier, Tap, count_parameters
+from advdef.errors import UserError
 from advdef.registry import DEFENSES, MODELS
 from advdef.specs import Spec
 
@@ -42,7 +43,12 @@ def build_model(arch: str, info: DataInfo, defense: str = "none") -> BuiltModel:
     model.arch = plugin.name  # defenses pick their per-architecture default insertion points by it
     backbone_params = count_parameters(model)
     defense_plugin = DEFENSES.create(defense)
-    defense_plugin.attach(model)
+    try:
+        defense_plugin.attach(model)
+    except UserError:
+        raise
+    except ValueError as error:  # e.g. an insertion point this architecture does not have
+        raise UserError(f"defense '{defense}' cannot be attached to '{arch_spec}': {error}") from None
     return BuiltModel(model, defense_plugin, arch_spec, DEFENSES.canonical(defense), backbone_params)
 
 
