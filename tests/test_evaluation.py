@@ -3,7 +3,6 @@
 from fractions import Fraction
 
 import pytest
-import torch
 
 from advdef.evaluation.engine import CLEAN, EvalConfig, evaluate_run
 from advdef.evaluation.stats import Proportion, wilson_interval

@@ -12,4 +12,7 @@ class NoDefense(Defense):
         pass
 
 
+# The seed papers' defenses register themselves on import (after `none`, which they may refer to).
+from advdef.defenses import cas, cifs, ewas, fsr  # noqa: E402,F401
+
 __all__ = ["AdaptiveDeclaration", "Defense", "NoDefense"]

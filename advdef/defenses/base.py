@@ -9,13 +9,65 @@ adds `aux_loss` to whichever outer loss the AT method produced.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from advdef.errors import UserError
 from advdef.models.base import Classifier
+
+
+class InsertionPointError(UserError, ValueError):
+    """A defense's insertion points do not fit the model: unknown name, no default, one tap twice.
+
+    A ValueError as plugin contracts ask, and a UserError so the CLI prints one line wherever it is
+    raised (attach also runs outside the registry's ValueError translation).
+    """
+
+
+def point_list(points: Sequence[str] | str | None) -> tuple[str, ...] | None:
+    """Normalize a `points=` spec value (`layer4.1` or `layer4.0,layer4.1`); None = the arch default."""
+    if points is None:
+        return None
+    if not isinstance(points, (str, list, tuple)):
+        raise ValueError(f"points must be insertion point names, got {points!r}")
+    items = [points] if isinstance(points, str) else list(points)
+    if not items or any(not isinstance(p, str) or not p.strip() for p in items):
+        raise ValueError(f"points must be insertion point names, got {points!r}")
+    names = tuple(p.strip() for p in items)
+    if len(set(names)) != len(names):
+        raise ValueError(f"points lists a name twice: {', '.join(names)}")
+    return names
+
+
+def resolve_points(
+    model: Classifier, points: Sequence[str] | None, defaults: Mapping[str, Sequence[str]], defense: str
+) -> tuple[str, ...]:
+    """The user's points, else the architecture's default, checked against the model's taps.
+
+    Aliases (`layer4`, `layer4.1` and `final` on resnet18) name one tap; two modules there would
+    be a mistake, so that is refused too. Every error names the valid points.
+    """
+    available = model.insertion_points()
+    valid = ", ".join(available)
+    if points is None:
+        if model.arch not in defaults:
+            raise InsertionPointError(
+                f"{defense} has no default insertion points for architecture '{model.arch}'; "
+                f"set {defense}:points=NAME (valid: {valid})"
+            )
+        points = defaults[model.arch]
+    for point in points:
+        if point not in available:
+            raise InsertionPointError(f"unknown insertion point '{point}' for {model.arch}; valid: {valid}")
+    seen: dict[int, str] = {}
+    for point in points:
+        other = seen.setdefault(id(available[point]), point)
+        if other != point:
+            raise InsertionPointError(f"'{other}' and '{point}' are the same insertion point of {model.arch}; list it once")
+    return tuple(points)
 
 
 @dataclass(frozen=True)

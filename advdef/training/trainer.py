@@ -153,6 +153,9 @@ def train_epoch(session: TrainingSession, epoch: int, reporter: Reporter) -> dic
     for group in session.optimizer.param_groups:
         group["lr"] = config.lr_at(epoch)
     generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
+    # Stochastic defense modules (e.g. FSR's Gumbel noise) draw from the global RNG: seed it per
+    # epoch too, so a resumed run repeats the uninterrupted run's draws.
+    torch.manual_seed(epoch_seed(config.seed, epoch))
     scaler = grad_scaler(session.device, config.amp)
     train = session.data.train
     n_batches = (len(train) + config.batch_size - 1) // config.batch_size
