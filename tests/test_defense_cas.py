@@ -196,68 +196,6 @@ def test_objectives_joint_aux_and_margin():
     assert DEFENSES.create("cas:train_attack=ce").training_attack_objective(model) is None
 
 
-def _two_passes(defense_spec: str = "cas"):
-    built = tiny(defense_spec)
-    model = built.model.train()
-    x, y = batch()
-    x_adv = (x + 0.1 * torch.rand(x.shape, generator=torch.Generator().manual_seed(2))).clamp(0, 1)
-    with model.labels(y):
-        natural_logits = model(x)
-        natural = model.aux_outputs()
-        model(x_adv)
-        adversarial = model.aux_outputs()
-    return built, y, natural_logits, natural, adversarial
-
-
-def test_trades_and_mart_head_kl_follow_table_7():
-    built, y, natural_logits, natural, adversarial = _two_passes()
-    defense = built.defense
-    assert torch.allclose(defense.aux_kl(natural, natural), torch.tensor(0.0), atol=1e-6)
-    keys = ["cas/layer4.0", "cas/layer4.1"]
-
-    def kl(key):
-        p, q = F.softmax(natural[key], 1), F.softmax(adversarial[key], 1)
-        return (p * (p.log() - q.log())).sum(1)
-
-    trades = 2.0 * sum(kl(k).mean() for k in keys) / 2
-    assert torch.allclose(defense.aux_kl(natural, adversarial), trades, atol=1e-6)
-    head = 2.0 * sum((kl(k) * (1.0000001 - F.softmax(natural[k], 1)[torch.arange(8), y])).mean() for k in keys) / 2
-    assert torch.allclose(defense.aux_kl(natural, adversarial, y, mart=True), head, atol=1e-6)
-    main_weight = 1.0000001 - F.softmax(natural_logits, 1)[torch.arange(8), y]
-    code = 2.0 * sum((kl(k) * main_weight).mean() for k in keys) / 2
-    main = DEFENSES.create("cas:mart_weight=main")
-    main.modules, main.resolved_beta = defense.modules, defense.resolved_beta
-    weighted_by_main = main.aux_kl(natural, adversarial, y, mart=True, natural_logits=natural_logits)
-    assert torch.allclose(weighted_by_main, code, atol=1e-6)
-    with pytest.raises(ValueError):
-        main.aux_kl(natural, adversarial, y, mart=True)
-
-
-def test_mart_boosted_head_loss():
-    built, y, _, _, adversarial = _two_passes()
-    expected = []
-    for key in ("cas/layer4.0", "cas/layer4.1"):
-        probs = F.softmax(adversarial[key], 1)
-        others = probs.clone()
-        others[torch.arange(8), y] = -1
-        expected.append(F.cross_entropy(adversarial[key], y) - torch.log(1.0001 - others.max(1).values + 1e-12).mean())
-    assert torch.allclose(built.defense.aux_boosted_loss(built.model, y), 2.0 * sum(expected) / 2)
-
-
-def test_trades_crafting_objective_is_zero_at_the_natural_point():
-    built = tiny()
-    model, defense = built.model.eval(), built.defense
-    x, y = batch()
-    with torch.no_grad():
-        natural_logits = model(x)
-        natural = model.aux_outputs()
-    objective = defense.kl_attack_objective(model, natural_logits, natural)
-    with torch.no_grad():
-        assert torch.allclose(objective(model(x), y), torch.zeros(8), atol=1e-6)
-        moved = objective(model((x + 0.2).clamp(0, 1)), y)
-    assert moved.shape == (8,) and (moved > 0).all()
-
-
 def test_a_training_step_decreases_the_joint_loss():
     built = tiny()
     model, defense = built.model.train(), built.defense
@@ -350,7 +288,7 @@ def test_overrides():
 @pytest.mark.parametrize(
     "spec",
     ["cas:beta=-1", "cas:beta=abc", "cas:train_attack=pgd", "cas:bias=maybe", "cas:points=layer4.1,layer4.1",
-     "cas:mart_weight=both", "cas:nonsense=1"],
+     "cas:nonsense=1"],
 )
 def test_bad_values_are_user_errors(spec):
     with pytest.raises(UserError):

@@ -34,6 +34,7 @@ def test_training_learns_and_selects_on_validation(trained_store):
         standard = store.checkpoints(runs["standard"])
         assert standard[-1]["metrics"]["train_loss"] < standard[0]["metrics"]["train_loss"]
         assert max(c["metrics"]["val_clean"] for c in standard) > 0.85
+        assert all(c["metrics"]["train_images_per_s"] > 0 and c["metrics"]["epoch_seconds"] > 0 for c in standard)
         robust = store.checkpoints(runs["pgd_at"])
         assert all("val_robust" in c["metrics"] for c in robust)
         assert store.get_run(runs["pgd_at"])["best_epoch"] == best_epoch(robust, "val_robust")

@@ -13,7 +13,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from advdef.errors import UserError
 from advdef.models.base import Classifier
@@ -90,18 +93,59 @@ class Defense:
     def attach(self, model: Classifier) -> None:
         """Insert the defense's modules into `model` (in place)."""
 
-    def aux_loss(self, model: Classifier, labels: torch.Tensor) -> torch.Tensor | None:
-        """Weighted auxiliary loss from the last forward pass, or None when the defense has none."""
+    # -- composition with any AT method ---------------------------------------------------
+    # A defense describes its auxiliary losses; AT methods apply their own loss form to them, so
+    # neither knows the other by name. Classification heads (CAS, CIFS probes, EWAS's ALC) are
+    # exposed as logits: PGD-AT/FAT add weight x mean CE(head), TRADES adds the head's CE on
+    # natural inputs plus beta x KL(natural || adversarial), MART its boosted CE plus weighted
+    # KL. Losses of another shape (FSR's separation/recalibration) are `extra_aux_loss`, added on
+    # the inputs the outer loss trains on.
+
+    def aux_logits(self, model: Classifier) -> dict[str, torch.Tensor]:
+        """Logits of the defense's auxiliary classification heads from the last forward pass."""
+        return {}
+
+    def aux_weight(self) -> float:
+        """Weight of the mean head loss in the training objective (the paper's beta / lambda)."""
+        return 0.0
+
+    def attack_aux_weight(self) -> float | None:
+        """Weight of the heads in the training attack's objective: None = the paper crafts on the
+        final logits only; inf = on the heads only; otherwise final + weight x mean over heads."""
         return None
+
+    def extra_aux_loss(self, model: Classifier, labels: torch.Tensor) -> torch.Tensor | None:
+        """Auxiliary losses that are not per-head classification losses, from the last forward pass."""
+        return None
+
+    def aux_loss(self, model: Classifier, labels: torch.Tensor) -> torch.Tensor | None:
+        """The whole auxiliary loss in cross-entropy form for the last forward pass (PGD-AT, FAT)."""
+        terms = []
+        heads = list(self.aux_logits(model).values())
+        if heads and self.aux_weight():
+            terms.append(self.aux_weight() * torch.stack([F.cross_entropy(h.float(), labels) for h in heads]).mean())
+        extra = self.extra_aux_loss(model, labels)
+        if extra is not None:
+            terms.append(extra)
+        return sum(terms[1:], terms[0]) if terms else None
 
     def training_attack_objective(self, model: Classifier) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
-        """Per-example loss the AT method's inner attack maximises, when the paper's training code
-        crafts with more than the final logits' CE (e.g. a joint loss over auxiliary heads).
+        """Per-example loss the inner attack of a CE-based AT method maximises (None: CE on the
+        final logits). Built from `attack_aux_weight`; it reads the heads after each forward."""
+        weight = self.attack_aux_weight()
+        if not weight:
+            return None
 
-        The callable gets (final logits, labels) right after a forward pass, so it may read
-        `model.aux_outputs()`. None means cross-entropy on the final logits.
-        """
-        return None
+        def objective(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            heads = list(self.aux_logits(model).values())
+            if not heads:
+                return F.cross_entropy(logits.float(), labels, reduction="none")
+            head_loss = torch.stack([F.cross_entropy(h.float(), labels, reduction="none") for h in heads]).mean(0)
+            if math.isinf(weight):
+                return head_loss
+            return F.cross_entropy(logits.float(), labels, reduction="none") + weight * head_loss
+
+        return objective
 
     def adaptive(self) -> AdaptiveDeclaration:
         return AdaptiveDeclaration()

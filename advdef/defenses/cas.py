@@ -20,6 +20,8 @@ is the code's. `docs/defenses.md (section `cas`)` lists every difference.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from fractions import Fraction
@@ -61,7 +63,6 @@ DEFAULT_BETA: dict[str, float] = {"vgg16_bn": 3.0}
 FALLBACK_BETA = 2.0
 
 TRAIN_ATTACKS = ("joint", "cas", "ce")
-MART_WEIGHTS = ("head", "main")
 
 
 CASConfigError = InsertionPointError  # attach-time configuration errors (one-line user errors)
@@ -303,7 +304,6 @@ class CAS(Defense):
         bias: bool = True,
         suppress: bool = True,
         train_attack: str = "joint",
-        mart_weight: str = "head",
     ) -> None:
         """
         beta: weight of the mean auxiliary CE (Eq. 5); None = the paper's value for the
@@ -316,8 +316,6 @@ class CAS(Defense):
         train_attack: what the AT method's inner PGD maximises: "joint" = Eq. 5 (Algorithm 1,
             and the code since 057fc636), "cas" = the aux CE alone (the code before 2022-07-27),
             "ce" = the final logits' CE only.
-        mart_weight: MART+CAS weights each head's KL term by (1 - p^_y(x)) of that head ("head",
-            Table 7) or of the final classifier ("main", the official MART+CAS code).
         """
         if beta is not None:
             if isinstance(beta, bool) or not isinstance(beta, (int, float, Fraction)):
@@ -328,14 +326,11 @@ class CAS(Defense):
             raise ValueError("bias and suppress must be true or false")
         if train_attack not in TRAIN_ATTACKS:
             raise ValueError(f"train_attack must be one of {', '.join(TRAIN_ATTACKS)}, got '{train_attack}'")
-        if mart_weight not in MART_WEIGHTS:
-            raise ValueError(f"mart_weight must be one of {', '.join(MART_WEIGHTS)}, got '{mart_weight}'")
         self.beta = None if beta is None else float(beta)
         self.points = point_list(points)
         self.bias = bias
         self.suppress = suppress
         self.train_attack = train_attack
-        self.mart_weight = mart_weight
         # Filled by attach: the resolved values and the modules, in insertion-point order.
         self.resolved_points: list[str] = []
         self.resolved_beta: float | None = None
@@ -374,11 +369,19 @@ class CAS(Defense):
             raise RuntimeError(f"CAS outputs {', '.join(missing)} missing: run a forward pass first")
         return [aux[m.logits_key] for m in self.modules]
 
-    def aux_loss(self, model: Classifier, labels: torch.Tensor) -> torch.Tensor:
-        """Eq. 5's CAS term: beta * mean over the S heads of each head's mean CE on the batch."""
-        heads = self.head_logits(model)
-        per_head = torch.stack([F.cross_entropy(logits, labels) for logits in heads])
-        return self._beta() * per_head.mean()
+    def aux_logits(self, model: Classifier) -> dict[str, torch.Tensor]:
+        """The S heads' logits of the last forward pass (Eq. 5's CAS term is beta x their mean CE)."""
+        return {m.logits_key: logits for m, logits in zip(self.modules, self.head_logits(model))}
+
+    def aux_weight(self) -> float:
+        return self._beta()
+
+    def attack_aux_weight(self) -> float | None:
+        """Algorithm 1 crafts on Eq. 5 (joint, beta); `train_attack=cas` is the original release's
+        CAS-only loss (heads only: inf); `train_attack=ce` the final logits only."""
+        if self.train_attack == "ce":
+            return None
+        return math.inf if self.train_attack == "cas" else self._beta()
 
     def objective(
         self, model: Classifier, *, target: str = "joint", loss: str = "ce", beta: float | None = None,
@@ -411,84 +414,6 @@ class CAS(Defense):
             outputs = self.head_logits(model)
             aux = torch.stack([per_example(outputs[i], labels) for i in selected]).mean(0)
             return aux if target == "aux" else per_example(logits, labels) + weight * aux
-
-        return evaluate
-
-    def training_attack_objective(self, model: Classifier) -> Objective | None:
-        """Algorithm 1 crafts on Eq. 5 (joint); `train_attack=cas` is the original release's CAS-only loss."""
-        if self.train_attack == "ce":
-            return None
-        return self.objective(model, target="joint" if self.train_attack == "joint" else "aux")
-
-    # -- Table 7's terms for TRADES+CAS and MART+CAS ------------------------------------
-    # `aux_loss` is the whole CAS term for AT (Eq. 5). TRADES and MART add terms that compare
-    # two forward passes or change the per-head loss; the framework's `aux_loss(model, labels)`
-    # sees one pass, so these are the pieces a TRADES/MART method composes (see docs/defenses.md (section `cas`)).
-
-    def aux_kl(
-        self,
-        natural_aux: dict[str, Any],
-        adversarial_aux: dict[str, Any],
-        labels: torch.Tensor | None = None,
-        *,
-        mart: bool = False,
-        natural_logits: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """beta * mean_s (1/N) sum_i w_i KL(p^s(x_i) || p^s(x'_i)) from two passes' `aux_outputs()`.
-
-        TRADES+CAS adds lambda times this (w = 1). MART+CAS (`mart=True`, needs `labels`) weights
-        sample i by 1 - p^s_y(x_i) of head s (Table 7) or, with `mart_weight=main`, by 1 - p_y(x_i)
-        of the final classifier (`natural_logits`), as the official code does. The AT method
-        multiplies by its lambda. KL is summed over classes and divided by the batch size, as in
-        the TRADES and MART code.
-        """
-        per_head = []
-        for module in self.modules:
-            natural = natural_aux[module.logits_key]
-            adversarial = adversarial_aux[module.logits_key]
-            kl = F.kl_div(F.log_softmax(adversarial, dim=1), F.softmax(natural, dim=1), reduction="none").sum(1)
-            if mart:
-                if labels is None:
-                    raise ValueError("MART's KL weighting needs the labels")
-                if self.mart_weight == "main":
-                    if natural_logits is None:
-                        raise ValueError("mart_weight=main needs the final classifier's natural logits")
-                    source = natural_logits
-                else:
-                    source = natural
-                true_prob = F.softmax(source, dim=1).gather(1, labels[:, None]).squeeze(1)
-                kl = kl * (1.0000001 - true_prob)  # the MART code's constant keeps the weight positive
-            per_head.append(kl.sum() / len(kl))
-        if not per_head:
-            raise RuntimeError("CAS is not attached to a model")
-        return self._beta() * torch.stack(per_head).mean()
-
-    def aux_boosted_loss(self, model: Classifier, labels: torch.Tensor) -> torch.Tensor:
-        """MART+CAS's head term: beta * mean_s BCE(p^s(x'), y) on the last (adversarial) pass, with
-        MART's boosted CE: CE + mean_i -log(1.0001 - p_{j*}), j* the most likely wrong class."""
-        terms = []
-        for logits in self.head_logits(model):
-            probs = F.softmax(logits, dim=1)
-            wrong = probs.masked_fill(F.one_hot(labels, probs.shape[1]).bool(), float("-inf")).argmax(1)
-            margin_term = -torch.log(1.0001 - probs.gather(1, wrong[:, None]).squeeze(1) + 1e-12).mean()
-            terms.append(F.cross_entropy(logits, labels) + margin_term)
-        return self._beta() * torch.stack(terms).mean()
-
-    def kl_attack_objective(
-        self, model: Classifier, natural_logits: torch.Tensor, natural_aux: dict[str, Any]
-    ) -> Objective:
-        """TRADES+CAS's crafting loss (official code): per example KL(p(x) || p(x')) + beta * mean_s
-        KL(p^s(x) || p^s(x')), read after each forward on x'. The natural pass is held constant."""
-        natural_probs = F.softmax(natural_logits.detach(), dim=1)
-        heads = [F.softmax(natural_aux[m.logits_key].detach(), dim=1) for m in self.modules]
-        weight = self._beta()
-
-        def evaluate(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            def kl(reference: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-                return F.kl_div(F.log_softmax(current, dim=1), reference, reduction="none").sum(1)
-
-            aux = torch.stack([kl(ref, out) for ref, out in zip(heads, self.head_logits(model))]).mean(0)
-            return kl(natural_probs, logits) + weight * aux
 
         return evaluate
 

@@ -442,16 +442,21 @@ class CIFS(Defense):
             heads.append(aux[module.logits_key])
         return heads
 
-    def aux_loss(self, model: Classifier, labels: torch.Tensor) -> torch.Tensor | None:
-        """(beta/|I|) * sum_i CE(probe_i, y): Eq. 3's probe term relative to a final CE of weight 1.
+    def aux_logits(self, model: Classifier) -> dict[str, torch.Tensor]:
+        """Raw probe logits of the last forward pass by aux key. Eq. 3's probe term is
+        (beta/|I|) sum_i CE(probe_i, y) = beta x their mean CE, relative to a final CE of weight 1:
+        the total is (1+beta) x Eq. 3 (the paper's relative weights, exactly the official code's
+        loss at beta = 2)."""
+        return {m.logits_key: logits for m, logits in zip(self.modules_of(model), self.probe_logits(model))}
 
-        The trainer weights the AT method's outer loss by 1, so the total is (1+beta) x Eq. 3:
-        the paper's relative weights, and exactly the official code's loss at beta = 2.
-        """
-        heads = self.probe_logits(model)
-        if not heads:
-            return None
-        return (self.beta / len(heads)) * sum(F.cross_entropy(h.float(), labels) for h in heads)
+    def aux_weight(self) -> float:
+        return self.beta
+
+    def attack_aux_weight(self) -> float | None:
+        """Eq. 4: the training attack maximises the same joint loss (attack_beta, default beta;
+        inf = probe terms only). Sign-gradient PGD is unaffected by Eq. 3's 1/(1+beta) scale."""
+        beta_atk = self.beta if self.attack_beta is None else self.attack_beta
+        return None if beta_atk == 0 else beta_atk
 
     def joint_objective(
         self, model: Classifier, beta_atk: float, heads: list[int] | None = None
@@ -475,15 +480,6 @@ class CIFS(Defense):
             return final / (1 + beta_atk) + beta_atk / ((1 + beta_atk) * len(probes)) * probe_term
 
         return objective
-
-    def training_attack_objective(
-        self, model: Classifier
-    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
-        """Eq. 4: the training attack maximises the same joint loss (beta = training beta)."""
-        beta_atk = self.beta if self.attack_beta is None else self.attack_beta
-        if beta_atk == 0:
-            return None
-        return self.joint_objective(model, beta_atk)
 
     # -- adaptive attacks ------------------------------------------------------------------
     @property

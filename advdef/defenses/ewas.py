@@ -273,12 +273,13 @@ class EWAS(Defense):
             heads[module.key] = aux[module.key]
         return heads
 
-    def aux_loss(self, model: Classifier, labels: torch.Tensor) -> torch.Tensor | None:
-        """lam * sum over modules of CE(ALC logits, y) (Eq. 4-5; one module in the paper)."""
-        heads = self.aux_logits(model)
-        if not heads or self.lam == 0:
-            return None
-        return self.lam * sum(F.cross_entropy(logits.float(), labels) for logits in heads.values())
+    def aux_weight(self) -> float:
+        """lam: Eq. 4-5's weight of CE(ALC logits, y) (one module in the paper; several are averaged)."""
+        return self.lam
+
+    def attack_aux_weight(self) -> float | None:
+        """CE(main) + attack_lam * CE(ALC): the inner maximisation of Eq. 4 and of the official AT code."""
+        return None if self.attack_lam == 0 else self.attack_lam
 
     def joint_objective(
         self, model: Classifier, weight: float, loss: str = "ce", kappa: float = 0.0
@@ -300,14 +301,6 @@ class EWAS(Defense):
             return total
 
         return objective
-
-    def training_attack_objective(
-        self, model: Classifier
-    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
-        """CE(main) + attack_lam * CE(ALC): the inner maximisation of Eq. 4 and of the official AT code."""
-        if self.attack_lam == 0:
-            return None
-        return self.joint_objective(model, self.attack_lam, "ce")
 
     # -- adaptive evaluation ------------------------------------------------------------------
     @staticmethod

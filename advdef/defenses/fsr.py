@@ -441,8 +441,9 @@ class FSR(Defense):
             model.train(was_training)
 
     # -- training -------------------------------------------------------------------------
-    def aux_loss(self, model: Classifier, labels: torch.Tensor) -> torch.Tensor | None:
-        """Eq. 5 without L_cls: mean over FSR points of lam_sep * L_sep + lam_rec * L_rec.
+    def extra_aux_loss(self, model: Classifier, labels: torch.Tensor) -> torch.Tensor | None:
+        """Eq. 5 without L_cls (FSR's heads are not plain classifiers of the input, so any AT
+        method adds this as it is, on the inputs it trains on): mean over FSR points of lam_sep * L_sep + lam_rec * L_rec.
 
         All CE terms are batch means, as in the official code. y' comes from the final logits of
         the same forward pass, as indices only (no gradient flows through the choice of y').
@@ -467,10 +468,6 @@ class FSR(Defense):
                 terms.append(self.lam_rec * F.cross_entropy(outputs["recalibrated"], labels))
             per_point.append(torch.stack(terms).sum())
         return torch.stack(per_point).mean()
-
-    def training_attack_objective(self, model: Classifier) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
-        """None: the official code crafts its PGD-10 training examples with CE on the final logits only."""
-        return None
 
     # -- evaluation -----------------------------------------------------------------------
     def adaptive(self) -> AdaptiveDeclaration:

@@ -130,9 +130,17 @@ def train(run_id: str, store: Store, reporter: Reporter | None = None) -> None:
     for epoch in range(start_epoch + 1, config.epochs + 1):
         started = time.perf_counter()
         train_metrics = train_epoch(session, epoch, reporter)
+        train_seconds = time.perf_counter() - started
         val_metrics = validate(session, reporter)
         seconds = time.perf_counter() - started
-        metrics = {**train_metrics, **val_metrics, "lr": config.lr_at(epoch)}
+        metrics = {
+            **train_metrics,
+            **val_metrics,
+            "lr": config.lr_at(epoch),
+            "train_seconds": train_seconds,
+            "epoch_seconds": seconds,
+            "train_images_per_s": len(session.data.train) / train_seconds,
+        }
         card_path = checkpoint.save_checkpoint(run_dir, epoch, session.built.model, session.optimizer, card)
         store.record_checkpoint(run_id, epoch, str(card_path), metrics, seconds)
         best = best_epoch(store.checkpoints(run_id), config.selection)
@@ -143,7 +151,7 @@ def train(run_id: str, store: Store, reporter: Reporter | None = None) -> None:
             f"epoch {epoch}/{config.epochs}: loss {metrics['train_loss']:.4f} train acc {metrics['train_acc']:.3f} "
             f"val clean {metrics['val_clean']:.3f}"
             + (f" val robust {metrics['val_robust']:.3f}" if "val_robust" in metrics else "")
-            + f" ({seconds:.1f}s)"
+            + f" ({seconds:.1f}s, {metrics['train_images_per_s']:.0f} img/s)"
         )
     store.update_run(run_id, status="trained")
 
