@@ -10,12 +10,15 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
 
 from advdef.errors import UserError
+
+if TYPE_CHECKING:  # the CLI imports heavy modules lazily, inside each command
+    from advdef.training.config import TrainConfig
 
 app = typer.Typer(
     name="advdef",
@@ -81,7 +84,9 @@ def _reporter():
 @app.command("list")
 @handles_user_errors
 def list_plugins(
-    kind: Annotated[Optional[str], typer.Argument(help="datasets, models, defenses, training or attacks (default: all).")] = None,
+    kind: Annotated[
+        Optional[str], typer.Argument(help="datasets, models, defenses, training, attacks or presets (default: all).")
+    ] = None,
 ) -> None:
     """List the registered plugins with a one-line summary each."""
     from advdef.errors import suggest
@@ -96,6 +101,19 @@ def list_plugins(
         for plugin in registry:
             source = "" if plugin.source == "builtin" else f"  [dim]({plugin.source})[/]"
             stdout.print(f"  {plugin.name:<14} {plugin.summary}{source}", highlight=False)
+        if name == "presets":
+            _pipeline_presets_footnote()
+
+
+def _pipeline_presets_footnote() -> None:
+    """Training presets and `advdef run --preset` share a word; say which is which."""
+    from advdef.pipeline import PRESETS as PIPELINE_PRESETS
+
+    stdout.print(
+        "  [dim]training recipes for `advdef train --preset NAME`; `advdef preset show NAME` shows their values. "
+        f"`advdef run --preset` takes pipeline presets instead: {', '.join(PIPELINE_PRESETS)}[/]",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -133,18 +151,24 @@ def info(
 @app.command()
 @handles_user_errors
 def train(
-    data: Annotated[str, typer.Option("--data", help="Dataset spec: digits (embedded, offline), cifar10, imagefolder:PATH, ...")] = "digits",
-    arch: Annotated[str, typer.Option("--arch", help="Architecture spec.")] = "smallcnn",
-    defense: Annotated[str, typer.Option("--defense", help="Defense spec.")] = "none",
-    at: Annotated[str, typer.Option("--at", help="Training method: standard, pgd_at, or a spec like pgd_at:steps=7.")] = "pgd_at",
-    epochs: Annotated[int, typer.Option("--epochs")] = 10,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 128,
-    lr: Annotated[float, typer.Option("--lr", help="SGD learning rate (x0.1 at 50% and 75% of the epochs).")] = 0.1,
-    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 5e-4,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="Paper training recipe (advdef list presets): options left unset take its values, then the defaults shown.")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Dataset spec: digits (embedded, offline), cifar10, svhn, imagefolder:PATH, ... (default digits; with --preset cifar10)")] = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture spec. (default smallcnn)")] = None,
+    defense: Annotated[Optional[str], typer.Option("--defense", help="Defense spec. (default none)")] = None,
+    at: Annotated[Optional[str], typer.Option("--at", help="Training method: standard, pgd_at, or a spec like pgd_at:steps=7. (default pgd_at)")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="(default 10)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="(default 128)")] = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sgd or adam. (default sgd)")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Initial learning rate. (default 0.1)")] = None,
+    momentum: Annotated[Optional[float], typer.Option("--momentum", help="SGD momentum. (default 0.9)")] = None,
+    nesterov: Annotated[Optional[bool], typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum (SGD). (default off)")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="(default 5e-4)")] = None,
+    milestones: Annotated[Optional[str], typer.Option("--milestones", help="LR steps: epochs (75,90: decay after epoch 75 and 90), fractions of the run (0.5,0.75) or none. (default 0.5,0.75)")] = None,
+    lr_decay: Annotated[Optional[float], typer.Option("--lr-decay", help="LR factor at each milestone. (default 0.1)")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="(default 0)")] = None,
     limit_train: Annotated[Optional[int], typer.Option("--limit-train", help="Use N training samples (class-balanced).")] = None,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of train held out for checkpoint selection.")] = 0.1,
-    select: Annotated[str, typer.Option("--select", help="auto, val_robust, val_clean or last.")] = "auto",
+    val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="Share of train held out for checkpoint selection. (default 0.1)")] = None,
+    select: Annotated[Optional[str], typer.Option("--select", help="auto, val_robust, val_clean or last. (default auto)")] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="Continue run RUN_ID from its last checkpoint.")] = None,
     data_dir: DataDirOption = None,
     download: DownloadOption = False,
@@ -156,25 +180,96 @@ def train(
 ) -> None:
     """Train a model (any defense x AT method x architecture); checkpoints every epoch, resumable."""
     from advdef.pipeline import runs_dir_for
-    from advdef.training.config import TrainConfig
     from advdef.training.trainer import start_run
     from advdef.training.trainer import train as resume_training
 
+    if resume is not None and preset is not None:
+        raise UserError("--resume continues a run with its stored config; drop --preset")
+    options = dict(
+        data=data, arch=arch, defense=defense, at=at, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
+        lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, lr_decay=lr_decay, seed=seed,
+        limit_train=limit_train, val_fraction=val_fraction, select=select, data_dir=data_dir, download=download,
+        device=device, channels_last=channels_last, amp=amp,
+    )
     store = _open_store(store_path)
     with _reporter() as reporter:
         if resume is not None:
             resume_training(resume, store, reporter)
             run_id = resume
         else:
-            config = TrainConfig(
-                data=data, arch=arch, defense=defense, at=at, epochs=epochs, batch_size=batch_size, lr=lr,
-                weight_decay=weight_decay, seed=seed, limit_train=limit_train, val_fraction=val_fraction,
-                select=select, data_dir=data_dir, download=download, device=device,
-                channels_last=channels_last, amp=amp,
-            ).validate()
+            config = _train_config(preset, milestones, options)
+            if config.preset is not None:
+                reporter.message(_recipe_line(config))
             run_id = start_run(config, store, runs_dir_for(store, runs_dir), reporter)
     run = store.get_run(run_id)
     typer.echo(f"run {run_id}: {run['epochs_done']} epochs, best epoch {run['best_epoch']}, store {store.path}")
+
+
+def _train_config(preset: Optional[str], milestones: Optional[str], options: dict[str, Any]) -> TrainConfig:
+    """The validated TrainConfig: only the options the user gave override the preset, then the defaults."""
+    from advdef.training.config import parse_milestones
+    from advdef.training.presets import resolve_train_config
+
+    explicit = {k: v for k, v in options.items() if v is not None}
+    if milestones is not None:
+        explicit["milestones"], explicit["milestone_unit"] = parse_milestones(milestones)
+    return resolve_train_config(preset, explicit).validate()
+
+
+def _recipe_line(config: TrainConfig) -> str:
+    """What the preset resolved to, so the user sees the recipe before hours of training."""
+    steps = ", ".join(str(m) for m in config.milestone_epochs()) or "never"
+    return (
+        f"preset {config.preset} on {config.data}: {config.arch} / {config.defense} / {config.at}; "
+        f"{config.epochs} epochs, batch {config.batch_size}, {config.optimizer} lr {config.lr:g} "
+        f"(x{config.lr_decay:g} after epochs {steps}), momentum {config.momentum:g}, weight decay {config.weight_decay:g}, "
+        f"select {config.select}"
+    )
+
+
+preset_app = typer.Typer(
+    help="Training presets for `advdef train --preset NAME` (list them with `advdef list presets`).",
+    no_args_is_help=True,
+)
+app.add_typer(preset_app, name="preset")
+
+
+@preset_app.command("show")
+@handles_user_errors
+def preset_show(
+    name: Annotated[str, typer.Argument(help="Preset name, e.g. fsr-paper.")],
+    data: Annotated[Optional[str], typer.Option("--data", help="Only this dataset's recipe.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show every value a training preset sets, per dataset, with where each comes from."""
+    from advdef.training.presets import describe
+
+    described = describe(name, data)
+    if as_json:
+        typer.echo(json.dumps(described, indent=2))
+        return
+    for line in _preset_lines(described):
+        stdout.print(line, highlight=False, markup=False)
+
+
+def _preset_lines(described: dict[str, Any]) -> list[str]:
+    from advdef.specs import format_value
+
+    def pairs(values: dict[str, Any]) -> str:
+        return ", ".join(f"{k}={format_value(v)}" for k, v in values.items())
+
+    lines = [f"{described['name']}: {described['summary']}", f"  {described['citation']}"]
+    for dataset, recipe in described["recipes"].items():
+        default = " (the default --data)" if dataset == described["default_data"] else ""
+        lines.append(f"{dataset}{default}")
+        lines += [f"  {key:<15} {format_value(value)}" for key, value in recipe["settings"].items()]
+        lines.append(f"  training attack any other --at inherits: {pairs(recipe['training_attack'])}")
+        lines += [f"  with --arch {arch}: {pairs(extra)}" for arch, extra in recipe["by_arch"].items()]
+        lines += [f"  with --at {method}: {pairs(extra)}" for method, extra in recipe["by_method"].items()]
+        lines += [f"  source: {what} — {where}" for what, where in recipe["sources"]]
+        lines += [f"  note: {note}" for note in recipe["notes"]]
+    lines += [f"note: {note}" for note in described["notes"]]
+    return lines
 
 
 def _eval_config(attacks: str, n: Optional[int], eps: str, seed: int, batch_size: int, limit_test: Optional[int],
@@ -317,7 +412,7 @@ def export(
 @app.command("run")
 @handles_user_errors
 def run_command(
-    preset: Annotated[str, typer.Option("--preset", help="Recipe to run: quick.")] = "quick",
+    preset: Annotated[str, typer.Option("--preset", help="Pipeline preset: quick. (Training recipes are `advdef train --preset`.)")] = "quick",
     device: DeviceOption = "auto",
     store_path: StoreOption = None,
     runs_dir: RunsDirOption = None,

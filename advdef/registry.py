@@ -1,4 +1,4 @@
-"""One generic plugin registry for every kind: datasets, models, defenses, training, attacks.
+"""One generic plugin registry for every kind: datasets, models, defenses, training, attacks, presets.
 
 Built-in plugins register with a decorator (`@DEFENSES.register("fsr")`); third-party packages
 add plugins through entry-point groups (`advdef.defenses`, ...). An entry point may name a module
@@ -31,6 +31,7 @@ _BUILTIN_MODULES = {
     "defenses": "advdef.defenses",
     "training": "advdef.training.methods",
     "attacks": "advdef.attacks",
+    "presets": "advdef.training.presets",
 }
 
 
@@ -177,5 +178,7 @@ MODELS = Registry("models", "model")
 DEFENSES = Registry("defenses", "defense")
 TRAINING = Registry("training", "training method")
 ATTACKS = Registry("attacks", "attack")
+# Training recipes for `advdef train --preset`: factories returning advdef.training.presets.TrainingPreset.
+PRESETS = Registry("presets", "preset")
 
-REGISTRIES: dict[str, Registry] = {r.kind: r for r in (DATASETS, MODELS, DEFENSES, TRAINING, ATTACKS)}
+REGISTRIES: dict[str, Registry] = {r.kind: r for r in (DATASETS, MODELS, DEFENSES, TRAINING, ATTACKS, PRESETS)}

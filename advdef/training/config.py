@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -9,6 +10,10 @@ from advdef.errors import UserError
 from advdef.registry import ATTACKS, DATASETS, DEFENSES, MODELS, TRAINING
 
 SELECTION_RULES = ("auto", "val_robust", "val_clean", "last")
+OPTIMIZERS = ("sgd", "adam")
+# How `milestones` are read: fractions of the run (they scale with --epochs; the stored default,
+# so configs written before the unit existed keep their meaning) or epoch numbers as papers state them.
+MILESTONE_UNITS = ("fraction", "epoch")
 
 
 @dataclass
@@ -21,11 +26,16 @@ class TrainConfig:
     at: str = "pgd_at"
     epochs: int = 10
     batch_size: int = 128
+    # SGD with momentum is what every recipe in advdef.training.presets uses; Adam is for experiments.
+    optimizer: str = "sgd"
     lr: float = 0.1
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD only
+    nesterov: bool = False  # SGD only
     weight_decay: float = 5e-4
-    # Step schedule of the seed papers (x0.1 at 50% and 75% of training, e.g. epochs 100/150 of 200).
+    # Step schedule: the LR is multiplied by lr_decay after each milestone. The default is the
+    # Madry/Rice shape (x0.1 at 50% and 75% of training, e.g. after epochs 100 and 150 of 200).
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    milestone_unit: str = "fraction"
     lr_decay: float = 0.1
     seed: int = 0
     val_fraction: float = 0.1
@@ -39,6 +49,8 @@ class TrainConfig:
     device: str = "auto"
     channels_last: bool = True
     amp: bool = True
+    # The training preset (`advdef train --preset`) whose recipe filled the unset options, if any.
+    preset: str | None = None
 
     def validate(self) -> TrainConfig:
         """Resolve every plugin spec now, so mistakes fail before any work (UserError, exit 2)."""
@@ -54,14 +66,42 @@ class TrainConfig:
             (0 < self.val_fraction < 1, "--val-fraction must be in (0, 1)"),
             (self.limit_train is None or self.limit_train >= 2, "--limit-train must be at least 2"),
             (self.val_n >= 1, "val_n must be at least 1"),
-            (all(0 < m <= 1 for m in self.milestones), "milestones are fractions of the epochs in (0, 1]"),
+            (self.momentum >= 0, "--momentum must be at least 0"),
+            (self.weight_decay >= 0, "--weight-decay must be at least 0"),
+            (0 < self.lr_decay <= 1, "--lr-decay must be in (0, 1]"),
+            (not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
+             "--nesterov needs --optimizer sgd and a positive --momentum"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
-        if self.select not in SELECTION_RULES:
-            raise UserError(f"unknown selection rule '{self.select}'; valid: {', '.join(SELECTION_RULES)}")
+        for value, valid, what in [
+            (self.select, SELECTION_RULES, "selection rule"),
+            (self.optimizer, OPTIMIZERS, "optimizer"),
+            (self.milestone_unit, MILESTONE_UNITS, "milestone unit"),
+        ]:
+            if value not in valid:
+                raise UserError(f"unknown {what} '{value}'; valid: {', '.join(valid)}")
+        self._validate_milestones()
         return self
+
+    def _validate_milestones(self) -> None:
+        """Fractions must lie in (0, 1]; epochs must be whole and fall before the last epoch.
+
+        An epoch milestone at or past the end would silently never fire (e.g. a preset's epochs
+        75/90 with a shortened --epochs), so it is refused with what to pass instead.
+        """
+        if self.milestone_unit == "fraction":
+            if not all(0 < m <= 1 for m in self.milestones):
+                raise UserError("fraction milestones must lie in (0, 1], e.g. --milestones 0.5,0.75")
+            return
+        late = [m for m in self.milestones if not (float(m).is_integer() and 1 <= m < self.epochs)]
+        if late:
+            shown = ", ".join(format_milestone(m) for m in late)
+            raise UserError(
+                f"LR milestones must be whole epochs before the last epoch ({self.epochs}), got {shown}; "
+                "give --milestones as epochs (e.g. 30,40), fractions (e.g. 0.75,0.9) or none"
+            )
 
     @property
     def selection(self) -> str:
@@ -69,9 +109,19 @@ class TrainConfig:
             return self.select
         return "val_clean" if TRAINING.parse(self.at)[0].name == "standard" else "val_robust"
 
+    def milestone_epochs(self) -> list[int]:
+        """Each milestone as the number of completed epochs after which the LR decays.
+
+        Epoch milestone m means epochs 1..m run at the higher rate and epoch m+1 at the lower one:
+        PyTorch's MultiStepLR([m]) stepped once per epoch, and "divided by 10 after epoch m".
+        """
+        if self.milestone_unit == "epoch":
+            return [int(m) for m in self.milestones]
+        return [round(m * self.epochs) for m in self.milestones]
+
     def lr_at(self, epoch: int) -> float:
         """Learning rate of 1-based `epoch` under the step schedule."""
-        passed = sum(1 for m in self.milestones if epoch > round(m * self.epochs))
+        passed = sum(1 for m in self.milestone_epochs() if epoch > m)
         return self.lr * self.lr_decay**passed
 
     def to_json(self) -> dict[str, Any]:
@@ -81,3 +131,29 @@ class TrainConfig:
     def from_json(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def format_milestone(value: float) -> str:
+    """A milestone as written on the command line: `75` for epochs, `0.5` for fractions."""
+    return str(int(value)) if float(value).is_integer() and value >= 1 else str(value)
+
+
+def parse_milestones(text: str) -> tuple[list[float], str]:
+    """`--milestones` text to (values, unit): `75,90` are epochs, `0.5,0.75` fractions, `none` none.
+
+    Whole numbers mean epochs because that is how papers state schedules; decimals mean fractions
+    of the run, which follow --epochs. A mix is refused rather than guessed.
+    """
+    text = text.strip()
+    if text.lower() in ("none", ""):
+        return [], "epoch"
+    chunks = [c.strip() for c in text.split(",")]
+    if all(re.fullmatch(r"\d+", c) for c in chunks):
+        return [int(c) for c in chunks], "epoch"
+    try:
+        values = [float(c) for c in chunks]
+    except ValueError:
+        values = []
+    if not values or any(re.fullmatch(r"\d+", c) for c in chunks):
+        raise UserError(f"--milestones '{text}': give epochs (75,90), fractions of the run (0.5,0.75) or none")
+    return values, "fraction"

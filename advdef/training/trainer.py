@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,10 +89,17 @@ def _session(config: TrainConfig) -> TrainingSession:
     built = build_model(config.arch, data.info, config.defense)
     built.model.to(device, memory_format=memory_format(config.channels_last))
     method = TRAINING.create(config.at)
-    optimizer = torch.optim.SGD(
-        built.model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
+    optimizer = build_optimizer(config, built.model.parameters())
     return TrainingSession(config, data, built, method, optimizer, device)
+
+
+def build_optimizer(config: TrainConfig, parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer the config names. One parameter group: the papers' code decays every weight
+    (defense modules, BN and biases included). The LR set here is replaced every epoch by lr_at."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                           nesterov=config.nesterov)
 
 
 def card_for(run: dict, session: TrainingSession) -> dict:

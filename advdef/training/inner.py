@@ -1,0 +1,158 @@
+"""Inner maximisation of the AT methods: the crafting context, random starts and l-inf ascent.
+
+`advdef.attacks.pgd.pgd_attack` serves evaluation and PGD-AT (uniform start, fixed step count).
+TRADES and MART start from x + 0.001 N(0, 1) and FAT stops each example early, which that function
+does not offer; the loops here are the training-side counterparts and share its conventions
+(sign-gradient steps, projection onto the eps-ball and [0, 1], noise drawn from the trainer's
+per-epoch generator so resumed runs repeat exactly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from advdef.models.base import Classifier
+
+BN_MODES = ("train", "eval")
+STARTS = ("normal", "uniform", "none")
+NORMAL_START_SCALE = 0.001  # TRADES/MART reference code: x + 0.001 * N(0, 1)
+
+# (inputs, labels) -> logits of one forward pass; labels reach the defense only in train mode.
+Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@contextmanager
+def crafting(model: Classifier, bn_mode: str) -> Iterator[Forward]:
+    """Model in `bn_mode` with frozen parameters for the block; back in train mode afterwards.
+
+    Yields `forward(x, y)`: in train mode it passes the labels to the defense (as the papers'
+    training code does), in eval mode it cannot, so the defense predicts them itself. Freezing the
+    parameters means the ascent computes input gradients only.
+    """
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode must be one of {', '.join(BN_MODES)}, got '{bn_mode}'")
+    model.train(bn_mode == "train")
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield lambda x, y: labelled_forward(model, x, y)
+    finally:
+        for p, flag in zip(model.parameters(), requires):
+            p.requires_grad_(flag)
+        model.train()
+
+
+def labelled_forward(model: Classifier, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """model(x), with the labels visible to the defense exactly when the model is in train mode."""
+    if model.training:
+        with model.labels(y):
+            return model(x)
+    return model(x)
+
+
+def start_point(x: torch.Tensor, start: str, eps: float, generator: torch.Generator) -> torch.Tensor:
+    """The ascent's first iterate, in [0, 1]: x + 0.001 N(0,1) ("normal", TRADES/MART), x + U(-eps,
+    eps) ("uniform", Madry/FAT) or x itself ("none")."""
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {', '.join(STARTS)}, got '{start}'")
+    if start == "none":
+        return x.detach().clone()
+    if start == "normal":
+        noise = NORMAL_START_SCALE * torch.randn(x.shape, generator=generator)
+    else:
+        noise = (2 * torch.rand(x.shape, generator=generator) - 1) * eps
+    return (x.detach() + noise.to(x.device, x.dtype)).clamp(0, 1)
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Back into the l-inf ball of radius eps around x, and into [0, 1]."""
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+
+
+def input_gradient(
+    forward: Forward, objective: Objective, x_adv: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, d sum(objective) / d x_adv) of one forward pass; the objective is evaluated right
+    after the forward, so a defense-aware objective reads that pass's auxiliary heads."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = forward(x_adv, y)
+        loss = objective(logits, y)
+        (gradient,) = torch.autograd.grad(loss.sum(), x_adv)
+    return logits.detach(), gradient
+
+
+def sign_ascent(
+    forward: Forward,
+    objective: Objective,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_start: torch.Tensor,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+) -> torch.Tensor:
+    """`steps` sign-gradient steps of size alpha on the per-example objective; the last iterate."""
+    x_adv = x_start.detach()
+    for _ in range(steps):
+        _, gradient = input_gradient(forward, objective, x_adv, y)
+        x_adv = project(x_adv + alpha * gradient.sign(), x, eps)
+    return x_adv.detach()
+
+
+def early_stopped_ascent(
+    forward: Forward,
+    objective: Objective,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_start: torch.Tensor,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    tau: int,
+    omega: float = 0.0,
+    generator: torch.Generator | None = None,
+    whole_batch: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FAT's early-stopped PGD (Zhang et al. 2020, Alg. 1): (x_adv, steps taken per example).
+
+    Before each of the `steps` updates every still-running example is scored; one the model
+    misclassifies spends one unit of its budget tau, and one misclassified with no budget left
+    stops there, keeping that iterate. So an example stops at the (tau+1)-th misclassified iterate
+    it reaches (tau steps after it first becomes misclassified, unless the attack loses it in
+    between), or after `steps` updates. omega > 0 adds omega x N(0,1) noise to each update, the
+    reference's escape from flat regions.
+
+    Only running examples are forwarded, as in the reference; that is exact in eval mode, where
+    examples do not interact. `whole_batch` forwards every example each step (for train-mode
+    crafting, so BatchNorm never sees a batch of one and label-conditioned defenses a full batch).
+    """
+    x_adv = x_start.detach().clone()
+    budget = torch.full((len(x),), tau, dtype=torch.long, device=x.device)
+    taken = torch.zeros(len(x), dtype=torch.long, device=x.device)
+    running = torch.arange(len(x), device=x.device)
+    for _ in range(steps):
+        rows = torch.arange(len(x), device=x.device) if whole_batch else running
+        logits, gradient = input_gradient(forward, objective, x_adv[rows], y[rows])
+        if whole_batch:
+            logits, gradient = logits[running], gradient[running]
+        wrong = logits.argmax(1) != y[running]
+        stop = wrong & (budget[running] == 0)
+        budget[running[wrong & ~stop]] -= 1
+        go = ~stop
+        running, gradient = running[go], gradient[go]
+        if len(running) == 0:
+            break
+        update = alpha * gradient.sign()
+        if omega:
+            update = update + omega * torch.randn(update.shape, generator=generator).to(update.device, update.dtype)
+        x_adv[running] = project(x_adv[running] + update, x[running], eps)
+        taken[running] += 1
+    return x_adv.detach(), taken
