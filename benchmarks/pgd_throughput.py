@@ -23,14 +23,19 @@ from advdef.models import build_model
 from advdef.registry import ATTACKS
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    samples = []
+def interleaved_medians(fns: list, repeats: int) -> list[float]:
+    """Median wall time of each function over `repeats` rounds, the functions alternating within
+    each round: throughput on this host drifts over minutes, so back-to-back blocks would compare
+    different machine states (see the env probe)."""
+    for fn in fns:
+        fn()  # warm-up
+    samples: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
+        for index, fn in enumerate(fns):
+            started = time.perf_counter()
+            fn()
+            samples[index].append(time.perf_counter() - started)
+    return [statistics.median(times) for times in samples]
 
 
 def main() -> None:
@@ -53,8 +58,11 @@ def main() -> None:
                 loss = torch.nn.functional.cross_entropy(view(z), y)
                 torch.autograd.grad(loss, z)
 
-            bound = 21 * timed(one_pass, args.repeats)
-            actual = timed(lambda: attack(view, x, y, seed=0), args.repeats)
+            def twenty_one_passes():
+                for _ in range(21):
+                    one_pass()
+
+            bound, actual = interleaved_medians([twenty_one_passes, lambda: attack(view, x, y, seed=0)], args.repeats)
         rows.append({"arch": arch, "batch": args.batch, "pgd20_images_per_s": args.batch / actual,
                      "bound_images_per_s": args.batch / bound, "ratio_to_bound": bound / actual})
     print(f"{'arch':<10} {'batch':>5} {'pgd20 img/s':>12} {'bound img/s':>12} {'of bound':>9}")
