@@ -35,13 +35,15 @@ def pgd_attack(
     kappa: float = 0.0,
     generator: torch.Generator | None = None,
     track_best: bool = True,
+    x_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """l-inf PGD maximising `loss`; returns adversarial inputs within eps of x and in [0,1].
 
     `loss` is "ce", "margin" (CW, clamped at kappa) or a callable (logits, labels) -> per-example
     loss, e.g. a defense's joint loss that also reads its auxiliary outputs. With `track_best`, an
     example's result is the first iterate found misclassified (else the iterate of highest loss);
-    without it (adversarial training), the last iterate.
+    without it (adversarial training), the last iterate. `x_start` replaces the random/no start
+    with a caller-chosen first iterate (e.g. TRADES' x + 0.001 N(0,1)).
     """
     def objective(logits: torch.Tensor) -> torch.Tensor:
         if callable(loss):
@@ -56,7 +58,9 @@ def pgd_attack(
         if len(active) == 0:
             break
         x_orig, y_active = x[active], y[active]
-        if random_start:
+        if x_start is not None:
+            x_adv = x_start[active].detach().clone()
+        elif random_start:
             noise = torch.rand(x_orig.shape, generator=generator).to(x.device, x.dtype)
             delta = (2 * noise - 1) * eps
             x_adv = (x_orig + delta).clamp(0, 1)
@@ -75,10 +79,15 @@ def pgd_attack(
             if gradient is None:
                 break
             x_adv = x_adv + alpha * gradient.sign()
-            x_adv = torch.min(torch.max(x_adv, x_orig - eps), x_orig + eps).clamp(0, 1)
+            x_adv = project(x_adv, x_orig, eps)
         if not track_best:
             best[active] = x_adv
     return best
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Back into the l-inf ball of radius eps around x, and into [0, 1]."""
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
 
 
 def _record(

@@ -1,10 +1,9 @@
-"""Inner maximisation of the AT methods: the crafting context, random starts and l-inf ascent.
+"""Inner maximisation of the AT methods: the crafting context, start points and FAT's ascent.
 
-`advdef.attacks.pgd.pgd_attack` serves evaluation and PGD-AT (uniform start, fixed step count).
-TRADES and MART start from x + 0.001 N(0, 1) and FAT stops each example early, which that function
-does not offer; the loops here are the training-side counterparts and share its conventions
-(sign-gradient steps, projection onto the eps-ball and [0, 1], noise drawn from the trainer's
-per-epoch generator so resumed runs repeat exactly).
+Fixed-length ascents (PGD-AT, TRADES, MART) run `advdef.attacks.pgd.pgd_attack` with
+`track_best=False`, from the start point chosen here; FAT stops each example early, which that
+function does not offer, so its loop lives here and shares the projection. Noise comes from the
+trainer's per-epoch generator, so resumed runs repeat exactly.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
+from advdef.attacks.pgd import project
 from advdef.models.base import Classifier
 
 BN_MODES = ("train", "eval")
@@ -69,11 +69,6 @@ def start_point(x: torch.Tensor, start: str, eps: float, generator: torch.Genera
     return (x.detach() + noise.to(x.device, x.dtype)).clamp(0, 1)
 
 
-def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Back into the l-inf ball of radius eps around x, and into [0, 1]."""
-    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
-
-
 def input_gradient(
     forward: Forward, objective: Objective, x_adv: torch.Tensor, y: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,25 +80,6 @@ def input_gradient(
         loss = objective(logits, y)
         (gradient,) = torch.autograd.grad(loss.sum(), x_adv)
     return logits.detach(), gradient
-
-
-def sign_ascent(
-    forward: Forward,
-    objective: Objective,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    x_start: torch.Tensor,
-    *,
-    eps: float,
-    alpha: float,
-    steps: int,
-) -> torch.Tensor:
-    """`steps` sign-gradient steps of size alpha on the per-example objective; the last iterate."""
-    x_adv = x_start.detach()
-    for _ in range(steps):
-        _, gradient = input_gradient(forward, objective, x_adv, y)
-        x_adv = project(x_adv + alpha * gradient.sign(), x, eps)
-    return x_adv.detach()
 
 
 def early_stopped_ascent(

@@ -23,7 +23,7 @@ from advdef.attacks.pgd import EIGHT_255, pgd_attack
 from advdef.defenses.base import Defense
 from advdef.models.base import Classifier
 from advdef.registry import TRAINING
-from advdef.training.inner import BN_MODES, STARTS, crafting, early_stopped_ascent, sign_ascent, start_point
+from advdef.training.inner import BN_MODES, STARTS, crafting, early_stopped_ascent, start_point
 from advdef.training.objectives import (
     Objective,
     cross_entropy_objective,
@@ -84,12 +84,9 @@ class PGDAdversarialTraining(TrainingMethod):
         random_start: bool = True,
         bn_mode: str = "train",
     ) -> None:
-        alpha = Fraction(eps) / 4 if alpha is None else alpha  # 2/255 at eps 8/255
-        if not 0 < eps <= 1 or not 0 < alpha <= 1 or steps < 1:
-            raise ValueError("need 0 < eps, alpha <= 1 and steps >= 1")
-        if bn_mode not in ("train", "eval"):
-            raise ValueError(f"bn_mode must be 'train' (Madry/Rice code) or 'eval', got '{bn_mode}'")
-        self.eps, self.alpha, self.steps, self.random_start, self.bn_mode = eps, alpha, steps, random_start, bn_mode
+        inner = InnerAttack.checked(eps, alpha, steps, "uniform" if random_start else "none", bn_mode)
+        self.eps, self.alpha, self.steps, self.bn_mode = inner.eps, inner.alpha, inner.steps, inner.bn_mode
+        self.random_start = random_start  # bn_mode "train" is the Madry/Rice code's
 
     def loss(self, model, x, y, defense, generator):
         x_adv = craft_training_attack(
@@ -159,6 +156,13 @@ class InnerAttack:
 
     def begin(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return start_point(x, self.start, float(self.eps), generator)
+
+    def ascend(self, forward, objective: Objective, x: torch.Tensor, y: torch.Tensor,
+               generator: torch.Generator) -> torch.Tensor:
+        """`steps` sign-gradient steps from this attack's start point; the last iterate."""
+        x_adv = pgd_attack(lambda inputs: forward(inputs, y), x, y, eps=float(self.eps), alpha=float(self.alpha),
+                           steps=self.steps, loss=objective, x_start=self.begin(x, generator), track_best=False)
+        return x_adv.detach()
 
 
 def _require_number(name: str, value: object, *, low: float, high: float = math.inf) -> float:
@@ -256,8 +260,7 @@ class TRADES(TrainingMethod):
                 natural_heads = {k: v.detach() for k, v in defense.aux_logits(model).items()}
             objective = kl_attack_objective(natural, natural_heads, lambda: defense.aux_logits(model),
                                             defense.attack_aux_weight())
-            return sign_ascent(forward, objective, x, y, inner.begin(x, generator),
-                               eps=float(inner.eps), alpha=float(inner.alpha), steps=inner.steps)
+            return inner.ascend(forward, objective, x, y, generator)
 
     def outer(self, model: Classifier, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
               defense: Defense) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,8 +314,7 @@ class MART(TrainingMethod):
         """x' maximising CE, or the defense's CE-form training objective."""
         inner = self.inner
         with crafting(model, inner.bn_mode) as forward:
-            return sign_ascent(forward, _ce_objective(model, defense), x, y, inner.begin(x, generator),
-                               eps=float(inner.eps), alpha=float(inner.alpha), steps=inner.steps)
+            return inner.ascend(forward, _ce_objective(model, defense), x, y, generator)
 
     def outer(self, model: Classifier, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
               defense: Defense) -> tuple[torch.Tensor, torch.Tensor]:
