@@ -344,7 +344,7 @@ class CAS(Defense):
         available = model.insertion_points()
         points = list(resolve_points(model, self.points, DEFAULT_POINTS, "cas"))
         shapes = model.feature_shapes(points)
-        num_classes = _output_width(model)
+        num_classes = model.num_classes
         reference = next(model.parameters(), None)
         for point in points:
             shape = shapes.get(point)
@@ -462,17 +462,3 @@ class CAS(Defense):
                 "CW above PGD accuracy and NAttack near clean accuracy are gradient-masking red flags."
             ),
         )
-
-
-def _output_width(model: Classifier) -> int:
-    """Number of classes = width of the logits, from one label-free eval forward on zeros."""
-    reference = next(model.parameters(), None)
-    device = reference.device if reference is not None else torch.device("cpu")
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            logits = model(torch.zeros(1, *model.input_shape, device=device))
-    finally:
-        model.train(was_training)
-    return int(logits.shape[-1])

@@ -381,18 +381,16 @@ class CIFS(Defense):
         names = self.resolve_points(model)
         taps = model.insertion_points()
 
-        # One eval forward gives the shapes, the network order of the points and the class count.
+        # One eval forward gives the shapes and the network order of the points.
         order: list[str] = []
-        classes: list[int] = []
         hooks = [taps[n].register_forward_hook(lambda *_a, n=n: order.append(n) if n not in order else None)
                  for n in names]
-        hooks.append(model.register_forward_hook(lambda _m, _i, out: classes.append(out.shape[1])))
         try:
             shapes = model.feature_shapes(names)
         finally:
             for hook in hooks:
                 hook.remove()
-        num_classes = classes[0]
+        num_classes = model.num_classes
         if self.k > num_classes:
             raise InsertionPointError(f"k={self.k} exceeds the {num_classes} classes")
         probes = self._probe_kinds(names, order)

@@ -26,7 +26,6 @@ from numbers import Real
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from advdef.attacks.losses import cross_entropy, margin
@@ -249,7 +248,7 @@ class EWAS(Defense):
         taps = model.insertion_points()
         points = resolve_points(model, self.points, DEFAULT_POINTS, "ewas")
         shapes = model.feature_shapes(list(points))
-        num_classes = _num_classes(model)
+        num_classes = model.num_classes
         bias = self.bias if self.bias is not None else CODE_BIAS_INIT.get(model.arch, "default")
         for point in points:
             shape = shapes[point]
@@ -350,14 +349,3 @@ class EWAS(Defense):
 
 def _modules(model: Classifier) -> list[EWASModule]:
     return [m for m in model.modules() if isinstance(m, EWASModule)]
-
-
-def _num_classes(model: Classifier) -> int:
-    """Classes of the model's output; the ALC has one row per class (official code: fixed 10)."""
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            return int(model(torch.zeros(1, *model.input_shape)).shape[-1])
-    finally:
-        model.train(was_training)

@@ -410,7 +410,7 @@ class FSR(Defense):
         """Put one FSR block on each chosen tap, sized from the features there and the class count."""
         points = self.resolve_points(model)
         shapes = model.feature_shapes(list(points))
-        num_classes = self._num_classes(model)
+        num_classes = model.num_classes
         for point in points:
             shape = shapes.get(point, ())
             if len(shape) != 3:
@@ -427,18 +427,6 @@ class FSR(Defense):
         model.register_forward_hook(_record_final_logits)
         self.attached_points = points
 
-    @staticmethod
-    def _num_classes(model: Classifier) -> int:
-        """K from one eval-mode forward on zeros (architectures do not expose it uniformly)."""
-        parameter = next(model.parameters(), None)
-        device = parameter.device if parameter is not None else torch.device("cpu")
-        was_training = model.training
-        try:
-            model.eval()
-            with torch.no_grad():
-                return int(model(torch.zeros(1, *model.input_shape, device=device)).shape[1])
-        finally:
-            model.train(was_training)
 
     # -- training -------------------------------------------------------------------------
     def extra_aux_loss(self, model: Classifier, labels: torch.Tensor) -> torch.Tensor | None:

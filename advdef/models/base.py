@@ -59,13 +59,19 @@ class Classifier(nn.Module):
     """[0,1] images -> logits, with named insertion points and a defense context."""
 
     def __init__(
-        self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], input_shape: tuple[int, int, int]
+        self,
+        net: nn.Module,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        input_shape: tuple[int, int, int],
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.net = net
         self.context = DefenseContext()
         self.input_shape = tuple(input_shape)
+        self._num_classes = num_classes
         self.arch = type(net).__name__  # build_model sets the registry name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,6 +95,22 @@ class Classifier(nn.Module):
             yield
         finally:
             self.context.labels = None
+
+    @property
+    def num_classes(self) -> int:
+        """Width of the logits (defenses size their heads by it); build_model passes it from the
+        dataset, otherwise one eval-mode forward on zeros measures it once."""
+        if self._num_classes is None:
+            was_training = self.training
+            parameter = next(self.parameters(), None)
+            device = parameter.device if parameter is not None else torch.device("cpu")
+            try:
+                self.eval()
+                with torch.no_grad():
+                    self._num_classes = int(self(torch.zeros(1, *self.input_shape, device=device)).shape[-1])
+            finally:
+                self.train(was_training)
+        return self._num_classes
 
     def feature_shapes(self, names: list[str] | None = None) -> dict[str, tuple[int, ...]]:
         """Shape (C, H, W) of the features at each insertion point for this model's input size.
