@@ -6,7 +6,6 @@ chain them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -171,7 +170,3 @@ def run_preset(name: str, store: Store, runs_dir: Path, reporter: Reporter | Non
     reporter.message(f"evaluating {', '.join(evaluation.attacks)} at eps {format_value(evaluation.eps)} on n={evaluation.n}")
     evaluate(store, evaluation, run_ids, reporter)
     return run_ids
-
-
-def describe_json(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)

@@ -10,7 +10,7 @@ adds `aux_loss` to whichever outer loss the AT method produced.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import math
@@ -153,11 +153,3 @@ class Defense:
     @property
     def stochastic(self) -> bool:
         return self.adaptive().stochastic
-
-
-@dataclass
-class DefenseInfo:
-    """Summary written to run cards and `advdef info`."""
-
-    name: str
-    params: dict[str, Any] = field(default_factory=dict)
