@@ -27,6 +27,7 @@ from torch import nn
 from advdef.defenses.base import AdaptiveDeclaration, Defense, InsertionPointError, point_list, resolve_points
 from advdef.models.base import Classifier, DefenseContext
 from advdef.registry import DEFENSES
+from advdef.validation import number
 
 # Per-architecture defaults: (insertion points, probe hidden width as a fraction of the channels).
 # ResNet-18 is the official code's placement (layer4[0] with an MLP probe 512->128->10, layer4[1]
@@ -222,12 +223,6 @@ def _as_list(value: list[str] | str | None, what: str) -> list[str] | None:
     return items
 
 
-def _positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)) or value <= 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(value)
-
-
 @DEFENSES.register("cifs")
 class CIFS(Defense):
     """CIFS (Yan et al. ICML 2021): channels reweighted by a softmax of probe top-2 logit gradients.
@@ -351,10 +346,10 @@ class CIFS(Defense):
         self.hidden = hidden
         self.k = k
         self.imgf = imgf
-        self.temperature = _positive("temperature", temperature)
-        self.alpha = _positive("alpha", alpha) if alpha is not None else None
-        self.mask_scale = _positive("mask_scale", mask_scale)
-        self.beta = _positive("beta", beta)
+        self.temperature = number("temperature", temperature, above=0)
+        self.alpha = number("alpha", alpha, above=0) if alpha is not None else None
+        self.mask_scale = number("mask_scale", mask_scale, above=0)
+        self.beta = number("beta", beta, above=0)
         self.attack_beta = self._parse_attack_beta(attack_beta)
         self.train_topk = train_topk
         self.mask_grad = mask_grad

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from numbers import Real
 from typing import Any
 
 import torch
@@ -32,6 +31,7 @@ from advdef.attacks.losses import cross_entropy, margin
 from advdef.defenses.base import AdaptiveDeclaration, Defense, InsertionPointError, point_list, resolve_points
 from advdef.models.base import Classifier, DefenseContext
 from advdef.registry import DEFENSES
+from advdef.validation import number
 
 AUX_PREFIX = "ewas/"
 
@@ -105,12 +105,6 @@ class EWASModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"key={self.key!r}, shape={self.shape}"
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 @DEFENSES.register("ewas")
@@ -234,8 +228,8 @@ class EWAS(Defense):
         bias: ALC bias: "default" (PyTorch init), "zero" (official WRN code), "absent" (the paper's
             bias-free notation theta in R^{CHW x K}); None = as the official code for the arch.
         """
-        self.lam = _number("lam", lam)
-        self.attack_lam = self.lam if attack_lam is None else _number("attack_lam", attack_lam)
+        self.lam = number("lam", lam, at_least=0)
+        self.attack_lam = self.lam if attack_lam is None else number("attack_lam", attack_lam, at_least=0)
         self.points = point_list(points)
         if bias is not None and bias not in BIAS_CHOICES:
             raise ValueError(f"bias must be one of {', '.join(BIAS_CHOICES)} (or none = per arch), got '{bias}'")

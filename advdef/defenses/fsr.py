@@ -19,7 +19,6 @@ Written from the paper and the technical digest (docs/defenses.md (section `fsr`
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -31,6 +30,7 @@ from torch import nn
 from advdef.defenses.base import AdaptiveDeclaration, Defense, InsertionPointError, point_list, resolve_points
 from advdef.models.base import Classifier, DefenseContext
 from advdef.registry import DEFENSES
+from advdef.validation import number
 
 # Default insertion point per architecture (registry name). The paper inserts FSR "after block4 for
 # ResNet-18 and VGG16, block3 for WRN-34-10"; the official code places it on the last feature map
@@ -359,9 +359,9 @@ class FSR(Defense):
         a width). `ablation` selects the Table 6 variants `no_sep` / `no_rec`.
         """
         self.points = point_list(points)
-        self.tau = self._positive("tau", tau)
-        self.lam_sep = self._non_negative("lam_sep", lam_sep)
-        self.lam_rec = self._non_negative("lam_rec", lam_rec)
+        self.tau = number("tau", tau, above=0)
+        self.lam_sep = number("lam_sep", lam_sep, at_least=0)
+        self.lam_rec = number("lam_rec", lam_rec, at_least=0)
         self.hidden = self._count("hidden", hidden, minimum=1)
         self.aux_hidden = self._count("aux_hidden", aux_hidden, minimum=0)
         rec_final_act = None if rec_final_act == "none" else rec_final_act
@@ -375,26 +375,6 @@ class FSR(Defense):
         self.attached_points: tuple[str, ...] = ()
 
     # -- validation -----------------------------------------------------------------------
-    @staticmethod
-    def _number(name: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
-        return float(value)
-
-    @classmethod
-    def _positive(cls, name: str, value: Any) -> float:
-        number = cls._number(name, value)
-        if number <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
-        return number
-
-    @classmethod
-    def _non_negative(cls, name: str, value: Any) -> float:
-        number = cls._number(name, value)
-        if number < 0:
-            raise ValueError(f"{name} must be non-negative, got {value}")
-        return number
-
     @staticmethod
     def _count(name: str, value: Any, *, minimum: int) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -12,7 +12,6 @@ for it. PGD-AT and FAT are CE-based, so they use the defense's CE-form `aux_loss
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -32,6 +31,7 @@ from advdef.training.objectives import (
     trades_form,
     with_heads,
 )
+from advdef.validation import number
 
 MART_KL_WEIGHTS = ("head", "main")
 
@@ -142,10 +142,10 @@ class InnerAttack:
         cls, eps: Fraction | float, alpha: Fraction | float | None, steps: int, start: str, bn_mode: str
     ) -> InnerAttack:
         """Validate the user's values; alpha None = eps/4 (2/255 at 8/255, the Madry/Rice step)."""
-        _require_number("eps", eps, low=0, high=1)
+        number("eps", eps, above=0, at_most=1)
         if alpha is None:
             alpha = eps / 4 if isinstance(eps, float) else Fraction(eps) / 4
-        _require_number("alpha", alpha, low=0, high=1)
+        number("alpha", alpha, above=0, at_most=1)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         if start not in STARTS:
@@ -163,21 +163,6 @@ class InnerAttack:
         x_adv = pgd_attack(lambda inputs: forward(inputs, y), x, y, eps=float(self.eps), alpha=float(self.alpha),
                            steps=self.steps, loss=objective, x_start=self.begin(x, generator), track_best=False)
         return x_adv.detach()
-
-
-def _require_number(name: str, value: object, *, low: float, high: float = math.inf) -> float:
-    """A real number in (low, high]; ValueError otherwise (the registry turns it into a user error)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, Fraction)) or not low < float(value) <= high:
-        bound = "" if math.isinf(high) else f", {high:g}"
-        raise ValueError(f"{name} must be a number in ({low:g}{bound}], got {value!r}")
-    return float(value)
-
-
-def _require_weight(name: str, value: object) -> float:
-    """A finite weight >= 0 (0 switches the term off)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, Fraction)) or not 0 <= float(value) < math.inf:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 @dataclass
@@ -241,7 +226,7 @@ class TRADES(TrainingMethod):
         bn_mode: "eval" = crafted in eval mode (TRADES `trades_loss`, CAS and EWAS code), "train" =
             an earlier `trades.py` revision, which never switched modes.
         """
-        self.beta = _require_weight("beta", beta)
+        self.beta = number("beta", beta, at_least=0)
         self.inner = InnerAttack.checked(eps, alpha, steps, start, bn_mode)
         self.eps = self.inner.eps  # the trainer's validation attack uses the training eps
 
@@ -297,7 +282,7 @@ class MART(TrainingMethod):
         aux_kl_weight: what weights each head's KL: "head" = that head's own 1 - p_y (CAS Table 7,
             EWAS Table 1), "main" = the final classifier's (official MART+CAS / MART+EWAS code).
         """
-        self.lam = _require_weight("lam", lam)
+        self.lam = number("lam", lam, at_least=0)
         if aux_kl_weight not in MART_KL_WEIGHTS:
             raise ValueError(f"aux_kl_weight must be one of {', '.join(MART_KL_WEIGHTS)}, got {aux_kl_weight!r}")
         self.aux_kl_weight = aux_kl_weight
@@ -355,7 +340,7 @@ class FAT(TrainingMethod):
         if isinstance(tau, bool) or not isinstance(tau, int) or tau < 0:
             raise ValueError(f"tau must be an integer >= 0, got {tau!r}")
         self.tau = tau
-        self.omega = _require_weight("omega", omega)
+        self.omega = number("omega", omega, at_least=0)
         self.inner = InnerAttack.checked(eps, alpha, steps, start, bn_mode)
         self.eps = self.inner.eps
 
