@@ -70,12 +70,13 @@ def expected_taps(arch: str) -> set[str]:
     """Every documented tap name of the full-depth architecture."""
     if arch == "preact_resnet18":
         blocks = [f"layer{k}.{i}" for k in range(1, 5) for i in range(2)]
-        return {*blocks, *(f"{b}.preact" for b in blocks), *(f"layer{k}" for k in range(1, 5)), "final"}
+        return {"stem", *blocks, *(f"{b}.preact" for b in blocks), *(f"layer{k}" for k in range(1, 5)), "final"}
     if arch.startswith("wrn"):
         units = 5 if arch == "wrn34_10" else 4
         blocks = [f"block{k}.{i}" for k in range(1, 4) for i in range(units)]
         stages = [f"block{k}" for k in range(1, 4)]
-        return {*blocks, *(f"{b}.preact" for b in blocks), *stages, *(f"{s}.last.preact" for s in stages), "final"}
+        return {"stem", *blocks, *(f"{b}.preact" for b in blocks), *stages, *(f"{s}.last.preact" for s in stages),
+                "final"}
     convs = [2, 2, 3, 3, 3]
     return {*(f"block{k}.{i}" for k in range(5) for i in range(convs[k])), *(f"block{k}" for k in range(5)), "final"}
 

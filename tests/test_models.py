@@ -50,3 +50,40 @@ def test_labels_reach_defenses_only_in_training_mode():
     with pytest.raises(RuntimeError, match="training mode"):
         with model.labels(torch.tensor([1])):
             pass
+
+
+def test_every_relu_of_the_resnets_is_a_module_a_defense_can_swap():
+    """`smooth` replaces nn.ReLU modules; a functional F.relu would silently stay a ReLU."""
+    for arch in ("resnet18", "preact_resnet18", "wrn34_10:depth=10,widen_factor=1"):
+        model = build_model(arch, DIGITS).model.eval()
+        calls = []
+        handles = [m.register_forward_hook(lambda *_: calls.append(1)) for m in model.modules()
+                   if isinstance(m, torch.nn.ReLU)]
+        x = torch.rand(1, *DIGITS.input_shape)
+        expected = model(x)
+        for handle in handles:
+            handle.remove()
+        relus = len(handles)
+        assert relus and len(calls) == relus, arch
+        # Replacing every ReLU module by the identity must change the function: none is bypassed.
+        for name, module in list(model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, torch.nn.ReLU):
+                    setattr(module, child_name, torch.nn.Identity())
+        assert not torch.allclose(model(x), expected)
+
+
+def test_phase_marks_forwards_and_training_attacks_run_in_the_attack_phase():
+    from advdef.training.inner import crafting
+
+    model = build_model("smallcnn:width=4", DIGITS).model
+    assert model.context.phase is None
+    with model.phase("update"):
+        assert model.context.phase == "update"
+        with crafting(model, "eval"):
+            assert model.context.phase == "attack"
+        assert model.context.phase == "update"
+    assert model.context.phase is None
+    with pytest.raises(ValueError, match="phase must be one of"):
+        with model.phase("inference"):
+            pass

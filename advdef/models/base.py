@@ -34,12 +34,22 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+# Which gradient computation of adversarial training a forward pass feeds: the inner attack's
+# input gradient or the outer parameter update. None outside training (inference, evaluation).
+PHASES = ("attack", "update")
+
+
 @dataclass
 class DefenseContext:
-    """State shared by a classifier's defense modules during one forward pass."""
+    """State shared by a classifier's defense modules during one forward pass.
+
+    `phase` lets a module behave differently per pass without changing its outputs, e.g. the
+    `smooth` defense's ReLU whose backward is a smooth surrogate only in the attack's pass.
+    """
 
     labels: torch.Tensor | None = None
     aux: dict[str, Any] = field(default_factory=dict)
+    phase: str | None = None
 
 
 class Tap(nn.Module):
@@ -67,6 +77,9 @@ class Classifier(nn.Module):
         num_classes: int | None = None,
     ) -> None:
         super().__init__()
+        # Input-level defenses (e.g. `randomize`) attach here: they see [0,1] images, before
+        # normalization, so pad values and ranges mean the same thing for every dataset.
+        self.input_tap = Tap()
         self.normalize = Normalize(mean, std)
         self.net = net
         self.context = DefenseContext()
@@ -76,7 +89,7 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.context.aux = {}
-        return self.net(self.normalize(x))
+        return self.net(self.normalize(self.input_tap(x)))
 
     def insertion_points(self) -> dict[str, Tap]:
         """Named taps of the architecture (`net.insertion_points()`)."""
@@ -95,6 +108,19 @@ class Classifier(nn.Module):
             yield
         finally:
             self.context.labels = None
+
+    @contextmanager
+    def phase(self, name: str | None) -> Iterator[None]:
+        """Mark the forward passes inside this block as feeding `name` ("attack": the training
+        attack's input gradient; "update": the parameter update); the previous phase is restored."""
+        if name is not None and name not in PHASES:
+            raise ValueError(f"phase must be one of {', '.join(PHASES)} or None, got {name!r}")
+        previous = self.context.phase
+        self.context.phase = name
+        try:
+            yield
+        finally:
+            self.context.phase = previous
 
     @property
     def num_classes(self) -> int:

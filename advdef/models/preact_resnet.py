@@ -37,14 +37,17 @@ class PreActBlock(nn.Module):
         if stride != 1 or in_planes != planes:
             # A bare 1×1 conv (no BN) on the pre-activated input, as in the public layout.
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False))
+        # Activations are modules, not F.relu, so a defense can swap them (`smooth`).
+        self.relu1 = nn.ReLU()
+        self.relu2 = nn.ReLU()
         self.preact_tap = Tap()
         self.tap = Tap()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        preact = F.relu(self.bn1(x))
+        preact = self.relu1(self.bn1(x))
         skip = x if self.shortcut is None else self.shortcut(preact)
         out = self.conv1(self.preact_tap(preact))
-        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv2(self.relu2(self.bn2(out)))
         return self.tap(out + skip)
 
 
@@ -55,12 +58,14 @@ class PreActResNet(nn.Module):
         super().__init__()
         self.in_planes = width
         self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+        self.stem_tap = Tap()
         self.layer1 = self._stage(width, blocks[0], 1)
         self.layer2 = self._stage(2 * width, blocks[1], 2)
         self.layer3 = self._stage(4 * width, blocks[2], 2)
         self.layer4 = self._stage(8 * width, blocks[3], 2)
         # The final BN-ReLU is needed because pre-activation blocks leave their sum un-normalised.
         self.bn = nn.BatchNorm2d(8 * width)
+        self.relu = nn.ReLU()
         self.final_tap = Tap()
         self.linear = nn.Linear(8 * width, num_classes)
         self.feature_channels = {f"layer{i + 1}": width * 2**i for i in range(4)}
@@ -73,11 +78,12 @@ class PreActResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def insertion_points(self) -> dict[str, Tap]:
-        """`layerK.i`: output of block i of stage K (after the residual add); `layerK`: the stage's
+        """`stem`: conv1(x) entering layer1; `layerK.i`: output of block i of stage K (after the residual add); `layerK`: the stage's
         last block; `layerK.i.preact`: relu(bn1(x)) of block i on its residual branch, before
         conv1; `final`: relu(bn(out)) after `layer4`, the features entering global pooling."""
         stages = {f"layer{k}": getattr(self, f"layer{k}") for k in range(1, 5)}
-        points = stage_taps(stages)
+        points = {"stem": self.stem_tap}
+        points.update(stage_taps(stages))
         for name, stage in stages.items():
             for index, block in enumerate(stage):
                 points[f"{name}.{index}.preact"] = block.preact_tap
@@ -85,9 +91,9 @@ class PreActResNet(nn.Module):
         return points
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv1(x)
+        out = self.stem_tap(self.conv1(x))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        out = self.final_tap(F.relu(self.bn(out)))
+        out = self.final_tap(self.relu(self.bn(out)))
         # Adaptive pooling: 4×4 maps at 32×32 input, 2×2 on 16×16 digits — same parameters.
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.linear(out)

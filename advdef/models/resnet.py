@@ -27,12 +27,15 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
             )
+        # Activations are modules, not F.relu, so a defense can swap them (`smooth`).
+        self.relu1 = nn.ReLU()
+        self.relu2 = nn.ReLU()
         self.tap = Tap()
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.tap(F.relu(out + self.shortcut(x)))
+        return self.tap(self.relu2(out + self.shortcut(x)))
 
 
 class CifarResNet(nn.Module):
@@ -41,6 +44,8 @@ class CifarResNet(nn.Module):
         self.in_planes = width
         self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        self.stem_tap = Tap()
         self.layer1 = self._stage(width, blocks[0], 1)
         self.layer2 = self._stage(2 * width, blocks[1], 2)
         self.layer3 = self._stage(4 * width, blocks[2], 2)
@@ -56,14 +61,16 @@ class CifarResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def insertion_points(self) -> dict[str, Tap]:
-        """`layerK.i`: output of block i of stage K (after its final ReLU); `layerK`: the stage's
-        last block; `final`: the features entering global pooling (= `layer4`)."""
-        points = stage_taps({f"layer{i}": getattr(self, f"layer{i}") for i in range(1, 5)})
+        """`stem`: relu(bn1(conv1(x))) entering layer1; `layerK.i`: output of block i of stage K
+        (after its final ReLU); `layerK`: the stage's last block; `final`: the features entering
+        global pooling (= `layer4`)."""
+        points = {"stem": self.stem_tap}
+        points.update(stage_taps({f"layer{i}": getattr(self, f"layer{i}") for i in range(1, 5)}))
         points["final"] = points["layer4"]
         return points
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.stem_tap(self.relu(self.bn1(self.conv1(x))))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.linear(out)

@@ -44,14 +44,17 @@ class WideBasic(nn.Module):
         self.convShortcut: nn.Conv2d | None = None
         if not self.equal_in_out:
             self.convShortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
+        # Activations are modules, not F.relu, so a defense can swap them (`smooth`).
+        self.relu1 = nn.ReLU()
+        self.relu2 = nn.ReLU()
         self.preact_tap = Tap()
         self.tap = Tap()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        preact = F.relu(self.bn1(x))
+        preact = self.relu1(self.bn1(x))
         skip = x if self.convShortcut is None else self.convShortcut(preact)
         out = self.conv1(self.preact_tap(preact))
-        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv2(self.relu2(self.bn2(out)))
         return self.tap(out + skip)
 
 
@@ -75,10 +78,12 @@ class WideResNet(nn.Module):
         units = (depth - 4) // 6
         channels = [width, width * widen_factor, 2 * width * widen_factor, 4 * width * widen_factor]
         self.conv1 = nn.Conv2d(in_channels, channels[0], 3, stride=1, padding=1, bias=False)
+        self.stem_tap = Tap()
         self.block1 = WideStage(channels[0], channels[1], units, 1)
         self.block2 = WideStage(channels[1], channels[2], units, 2)
         self.block3 = WideStage(channels[2], channels[3], units, 2)
         self.bn1 = nn.BatchNorm2d(channels[3])
+        self.relu = nn.ReLU()
         self.final_tap = Tap()
         self.fc = nn.Linear(channels[3], num_classes)
         self.feature_channels = {f"block{k}": channels[k] for k in range(1, 4)}
@@ -100,11 +105,12 @@ class WideResNet(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def insertion_points(self) -> dict[str, Tap]:
-        """`blockK.i`: output of unit i of stage K; `blockK`: the stage's last unit;
+        """`stem`: conv1(x) entering block1; `blockK.i`: output of unit i of stage K; `blockK`: the stage's last unit;
         `blockK.i.preact` (alias `blockK.last.preact` for the last unit): relu(bn1(x)) on unit
         i's residual branch only; `final`: relu(bn1(out)) after `block3`, before pooling."""
         stages = {f"block{k}": getattr(self, f"block{k}").layer for k in range(1, 4)}
-        points = stage_taps(stages)
+        points = {"stem": self.stem_tap}
+        points.update(stage_taps(stages))
         for name, stage in stages.items():
             for index, unit in enumerate(stage):
                 points[f"{name}.{index}.preact"] = unit.preact_tap
@@ -113,8 +119,8 @@ class WideResNet(nn.Module):
         return points
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.block3(self.block2(self.block1(self.conv1(x))))
-        out = self.final_tap(F.relu(self.bn1(out)))
+        out = self.block3(self.block2(self.block1(self.stem_tap(self.conv1(x)))))
+        out = self.final_tap(self.relu(self.bn1(out)))
         # Adaptive, not TRADES' avg_pool2d(8): 8×8 maps at 32×32 input, 4×4 on 16×16 digits.
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.fc(out)

@@ -182,7 +182,8 @@ def train_epoch(session: TrainingSession, epoch: int, reporter: Reporter) -> dic
                                   augment=session.data.info.augment)
         for x, y, _ in batches:
             x, y = prepare(x, session.device, config.channels_last), y.to(session.device)
-            with autocast(session.device, config.amp):
+            # Forwards feed the parameter update unless the method's crafting marks them "attack".
+            with autocast(session.device, config.amp), model.phase("update"):
                 loss, logits = session.method.loss(model, x, y, session.built.defense, generator)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"training loss became {loss.item()} at epoch {epoch}; lower --lr")
