@@ -122,6 +122,7 @@ def info(
     arch: Annotated[str, typer.Option("--arch", help="Architecture spec, e.g. resnet18.")] = "resnet18",
     defense: Annotated[str, typer.Option("--defense", help="Defense spec, e.g. none or fsr:points=layer4.")] = "none",
     data: Annotated[str, typer.Option("--data", help="Dataset spec giving input shape and classes.")] = "cifar10",
+    dual_bn: Annotated[str, typer.Option("--dual-bn", help="off, or clean/adversarial: dual BatchNorm as trained with --dual-bn.")] = "off",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show a model's parameter count (total and added by the defense) and insertion points."""
@@ -129,7 +130,7 @@ def info(
     from advdef.registry import DATASETS
 
     dataset_info = DATASETS.create(data).info
-    built = build_model(arch, dataset_info, defense)
+    built = build_model(arch, dataset_info, defense, dual_bn)
     payload = {
         "arch": built.arch_spec,
         "defense": built.defense_spec,
@@ -139,6 +140,7 @@ def info(
         "params_total": built.params_total,
         "params_backbone": built.params_backbone,
         "params_added": built.params_added,
+        "dual_bn": dual_bn,
         "insertion_points": list(built.model.insertion_points()),
     }
     if as_json:
@@ -169,6 +171,7 @@ def train(
     limit_train: Annotated[Optional[int], typer.Option("--limit-train", help="Use N training samples (class-balanced).")] = None,
     val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="Share of train held out for checkpoint selection. (default 0.1)")] = None,
     select: Annotated[Optional[str], typer.Option("--select", help="auto, val_robust, val_clean or last. (default auto)")] = None,
+    dual_bn: Annotated[Optional[str], typer.Option("--dual-bn", help="Separate BatchNorms for clean and adversarial inputs (AdvProp / Mixture BN), naming the set used at inference: clean, adversarial or off. (default clean for --at advprop, else off)")] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="Continue run RUN_ID from its last checkpoint.")] = None,
     data_dir: DataDirOption = None,
     download: DownloadOption = False,
@@ -188,7 +191,8 @@ def train(
     options = dict(
         data=data, arch=arch, defense=defense, at=at, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
         lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, lr_decay=lr_decay, seed=seed,
-        limit_train=limit_train, val_fraction=val_fraction, select=select, data_dir=data_dir, download=download,
+        limit_train=limit_train, val_fraction=val_fraction, select=select, dual_bn=dual_bn, data_dir=data_dir,
+        download=download,
         device=device, channels_last=channels_last, amp=amp,
     )
     store = _open_store(store_path)

@@ -203,7 +203,7 @@ def test_a_training_step_decreases_the_joint_loss():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     losses = []
     for _ in range(8):
-        loss, _ = TrainingMethod.supervised(model, x, y, defense)
+        loss, _ = TrainingMethod.supervised(model, x, y, defense, "clean")
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

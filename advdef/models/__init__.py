@@ -8,6 +8,7 @@ from typing import Any
 from advdef.data.base import DataInfo
 from advdef.models import preact_resnet, resnet, smallcnn, vgg, wide_resnet  # noqa: F401  (registration)
 from advdef.models.base import Classifier, Tap, count_parameters
+from advdef.models.dual_bn import DUAL_BN_CHOICES, convert_to_dual_bn
 from advdef.errors import UserError
 from advdef.registry import DEFENSES, MODELS
 from advdef.specs import Spec
@@ -32,8 +33,14 @@ class BuiltModel:
         return self.params_total - self.params_backbone
 
 
-def build_model(arch: str, info: DataInfo, defense: str = "none") -> BuiltModel:
-    """Build `arch` for the dataset's shape and classes, then apply the defense's surgery."""
+def build_model(arch: str, info: DataInfo, defense: str = "none", dual_bn: str = "off") -> BuiltModel:
+    """Build `arch` for the dataset's shape and classes, then apply the defense's surgery.
+
+    `dual_bn` "clean" or "adversarial" then gives every BatchNorm a clean and an adversarial copy
+    (AdvProp / Mixture BN) and names the one used at inference; "off" keeps one set.
+    """
+    if dual_bn not in DUAL_BN_CHOICES:
+        raise UserError(f"unknown dual BatchNorm setting '{dual_bn}'; valid: {', '.join(DUAL_BN_CHOICES)}")
     plugin, params = MODELS.resolve(arch)
     data_derived = {"in_channels": info.input_shape[0], "num_classes": info.num_classes}
     arch_params = {k: v for k, v in params.items() if k not in data_derived}
@@ -49,6 +56,11 @@ def build_model(arch: str, info: DataInfo, defense: str = "none") -> BuiltModel:
         raise
     except ValueError as error:  # e.g. an insertion point this architecture does not have
         raise UserError(f"defense '{defense}' cannot be attached to '{arch_spec}': {error}") from None
+    if dual_bn != "off":
+        try:
+            convert_to_dual_bn(model, dual_bn)
+        except ValueError as error:
+            raise UserError(f"--dual-bn {dual_bn}: {error}") from None
     return BuiltModel(model, defense_plugin, arch_spec, DEFENSES.canonical(defense), backbone_params)
 
 

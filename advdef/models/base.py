@@ -14,7 +14,7 @@ training mode, so a label can never reach an evaluated model.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,9 @@ class Normalize(nn.Module):
 # Which gradient computation of adversarial training a forward pass feeds: the inner attack's
 # input gradient or the outer parameter update. None outside training (inference, evaluation).
 PHASES = ("attack", "update")
+# Which kind of input a training forward pass carries; models with dual BatchNorm
+# (`advdef.models.dual_bn`) normalise each kind with its own statistics.
+ROUTES = ("clean", "adversarial")
 
 
 @dataclass
@@ -45,11 +48,14 @@ class DefenseContext:
 
     `phase` lets a module behave differently per pass without changing its outputs, e.g. the
     `smooth` defense's ReLU whose backward is a smooth surrogate only in the attack's pass.
+    `route` says whether a training pass carries clean or adversarial inputs (dual BatchNorm).
+    Both are None outside training.
     """
 
     labels: torch.Tensor | None = None
     aux: dict[str, Any] = field(default_factory=dict)
     phase: str | None = None
+    route: str | None = None
 
 
 class Tap(nn.Module):
@@ -109,18 +115,27 @@ class Classifier(nn.Module):
         finally:
             self.context.labels = None
 
-    @contextmanager
-    def phase(self, name: str | None) -> Iterator[None]:
+    def phase(self, name: str | None) -> AbstractContextManager[None]:
         """Mark the forward passes inside this block as feeding `name` ("attack": the training
         attack's input gradient; "update": the parameter update); the previous phase is restored."""
-        if name is not None and name not in PHASES:
-            raise ValueError(f"phase must be one of {', '.join(PHASES)} or None, got {name!r}")
-        previous = self.context.phase
-        self.context.phase = name
+        return self._context_value("phase", name, PHASES)
+
+    def route(self, kind: str | None) -> AbstractContextManager[None]:
+        """Mark the forward passes inside this block as carrying `kind` inputs ("clean" or
+        "adversarial"); a no-op for models without dual BatchNorm."""
+        return self._context_value("route", kind, ROUTES)
+
+    @contextmanager
+    def _context_value(self, field_name: str, value: str | None, valid: tuple[str, ...]) -> Iterator[None]:
+        """Set one field of the defense context for the block, restoring the previous value."""
+        if value is not None and value not in valid:
+            raise ValueError(f"{field_name} must be one of {', '.join(valid)} or None, got {value!r}")
+        previous = getattr(self.context, field_name)
+        setattr(self.context, field_name, value)
         try:
             yield
         finally:
-            self.context.phase = previous
+            setattr(self.context, field_name, previous)
 
     @property
     def num_classes(self) -> int:

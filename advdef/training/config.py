@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from advdef.errors import UserError
+from advdef.models.dual_bn import DUAL_BN_CHOICES
 from advdef.registry import ATTACKS, DATASETS, DEFENSES, MODELS, TRAINING
 
 SELECTION_RULES = ("auto", "val_robust", "val_clean", "last")
@@ -49,6 +50,9 @@ class TrainConfig:
     device: str = "auto"
     channels_last: bool = True
     amp: bool = True
+    # Dual BatchNorm (AdvProp / Mixture BN): None = "clean" for the advprop method, else "off";
+    # "clean" / "adversarial" name the BatchNorm set the trained model uses at inference.
+    dual_bn: str | None = None
     # The training preset (`advdef train --preset`) whose recipe filled the unset options, if any.
     preset: str | None = None
 
@@ -79,6 +83,7 @@ class TrainConfig:
             (self.select, SELECTION_RULES, "selection rule"),
             (self.optimizer, OPTIMIZERS, "optimizer"),
             (self.milestone_unit, MILESTONE_UNITS, "milestone unit"),
+            (self.dual_bn or "off", DUAL_BN_CHOICES, "--dual-bn setting"),
         ]:
             if value not in valid:
                 raise UserError(f"unknown {what} '{value}'; valid: {', '.join(valid)}")
@@ -104,10 +109,18 @@ class TrainConfig:
             )
 
     @property
+    def dual_bn_setting(self) -> str:
+        """The dual BatchNorm setting in effect: AdvProp is defined with separate BatchNorms for
+        its clean and adversarial terms, so its runs get them unless --dual-bn off asks otherwise."""
+        if self.dual_bn is not None:
+            return self.dual_bn
+        return "clean" if TRAINING.parse(self.at)[0].name == "advprop" else "off"
+
+    @property
     def selection(self) -> str:
         if self.select != "auto":
             return self.select
-        return "val_clean" if TRAINING.parse(self.at)[0].name == "standard" else "val_robust"
+        return getattr(TRAINING.parse(self.at)[0].factory, "selects_on", "val_robust")
 
     def milestone_epochs(self) -> list[int]:
         """Each milestone as the number of completed epochs after which the LR decays.

@@ -32,7 +32,7 @@ def crafting(model: Classifier, bn_mode: str) -> Iterator[Forward]:
     Yields `forward(x, y)`: in train mode it passes the labels to the defense (as the papers'
     training code does), in eval mode it cannot, so the defense predicts them itself. Freezing the
     parameters means the ascent computes input gradients only; the forwards are marked as the
-    "attack" phase (see `Classifier.phase`).
+    "attack" phase on the "adversarial" route (see `Classifier.phase` and `Classifier.route`).
     """
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {', '.join(BN_MODES)}, got '{bn_mode}'")
@@ -41,7 +41,7 @@ def crafting(model: Classifier, bn_mode: str) -> Iterator[Forward]:
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        with model.phase("attack"):
+        with model.phase("attack"), model.route("adversarial"):
             yield lambda x, y: labelled_forward(model, x, y)
     finally:
         for p, flag in zip(model.parameters(), requires):

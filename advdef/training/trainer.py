@@ -86,7 +86,7 @@ def _session(config: TrainConfig) -> TrainingSession:
     dataset = open_dataset(config.data, config.data_dir, config.download)
     data = load_for_training(dataset, limit_train=config.limit_train, val_fraction=config.val_fraction, seed=config.seed)
     torch.manual_seed(config.seed)  # weight initialisation
-    built = build_model(config.arch, data.info, config.defense)
+    built = build_model(config.arch, data.info, config.defense, config.dual_bn_setting)
     built.model.to(device, memory_format=memory_format(config.channels_last))
     method = TRAINING.create(config.at)
     optimizer = build_optimizer(config, built.model.parameters())
@@ -110,6 +110,7 @@ def card_for(run: dict, session: TrainingSession) -> dict:
         "arch": session.built.arch_spec,
         "defense": session.built.defense_spec,
         "at": TRAINING.canonical(config.at),
+        "dual_bn": config.dual_bn_setting,
         "data": session.data.info.to_json(),
         "seed": config.seed,
         "config": config.to_json(),
@@ -259,7 +260,7 @@ def load_run_model(run: dict, device: torch.device, epoch: int | None = None, ch
     if not card_path.exists():
         raise UserError(f"checkpoint of epoch {chosen} of run '{run['run_id']}' is missing at {card_path}")
     card = checkpoint.read_card(card_path)
-    built = build_model(card["arch"], DataInfo.from_json(card["data"]), card["defense"])
+    built = build_model(card["arch"], DataInfo.from_json(card["data"]), card["defense"], card.get("dual_bn", "off"))
     built.model.load_state_dict(checkpoint.load_weights(card_path))
     built.model.to(device, memory_format=memory_format(channels_last)).eval()
     return built, card
