@@ -158,8 +158,19 @@ class Registry:
         return plugin, params
 
     def canonical(self, text: str | Spec) -> str:
-        """The canonical spec string: name and every parameter, sorted."""
+        """The canonical spec string: name and every parameter, sorted.
+
+        A plugin whose parameters depend on each other (e.g. `smooth`'s options per activation)
+        may define `canonical_params(params) -> params` so that equal models get equal strings:
+        aliases resolved, options that do not apply dropped, applicable defaults filled in.
+        """
         plugin, params = self.resolve(text)
+        normalize = getattr(plugin.factory, "canonical_params", None)
+        if normalize is not None:
+            try:
+                params = normalize(params)
+            except ValueError as error:
+                raise UserError(f"invalid {self.singular} spec '{text}': {error}") from None
         return str(Spec(plugin.name, params))
 
     def create(self, text: str | Spec, **overrides: Any) -> Any:
