@@ -21,6 +21,7 @@ from advdef.registry import ATTACKS
 VERSIONS = ("standard", "plus", "rand", "custom")
 SUB_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 
+RAND_EOT_SAMPLES = 20  # fra31/auto-attack set_version("rand"): apgd.eot_iter = 20
 # The settings that make a result "AutoAttack standard" (fra31/auto-attack set_version).
 STANDARD_SETTINGS = {
     "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"],
@@ -93,6 +94,11 @@ class AutoAttack(Attack):
         if params["attacks"] is None:
             params.pop("attacks")
         return params
+
+    @property
+    def eot(self) -> int:
+        """Gradient samples per step: the official `rand` version runs APGD with EOT over 20 draws."""
+        return RAND_EOT_SAMPLES if self.version == "rand" else 1
 
     @property
     def implementation(self) -> str:

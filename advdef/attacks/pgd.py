@@ -36,6 +36,7 @@ def pgd_attack(
     generator: torch.Generator | None = None,
     track_best: bool = True,
     x_start: torch.Tensor | None = None,
+    eot: int = 1,
 ) -> torch.Tensor:
     """l-inf PGD maximising `loss`; returns adversarial inputs within eps of x and in [0,1].
 
@@ -44,7 +45,13 @@ def pgd_attack(
     example's result is the first iterate found misclassified (else the iterate of highest loss);
     without it (adversarial training), the last iterate. `x_start` replaces the random/no start
     with a caller-chosen first iterate (e.g. TRADES' x + 0.001 N(0,1)).
+
+    `eot` = K > 1 is Expectation over Transformation (Athalye et al. 2018) for stochastic models:
+    each step follows the mean gradient of K independent forward/backward passes, K times the
+    cost. Best-iterate tracking and the misclassification check use the first pass's logits.
     """
+    eot = check_eot(eot)
+
     def objective(logits: torch.Tensor) -> torch.Tensor:
         if callable(loss):
             return loss(logits, y_active)
@@ -72,7 +79,12 @@ def pgd_attack(
             with torch.enable_grad():
                 logits = forward(x_adv)
                 per_example = objective(logits)
-                gradient = torch.autograd.grad(per_example.sum(), x_adv)[0] if step < steps else None
+                gradient = None
+                if step < steps:
+                    gradient = torch.autograd.grad(per_example.sum(), x_adv)[0]
+                    for _ in range(eot - 1):  # further draws of the model's randomness
+                        gradient = gradient + torch.autograd.grad(objective(forward(x_adv)).sum(), x_adv)[0]
+                    gradient = gradient / eot
             x_adv = x_adv.detach()
             if track_best:
                 _record(best, best_loss, broken, active, x_adv, per_example.detach(), logits.detach().argmax(1) != y_active)
@@ -83,6 +95,21 @@ def pgd_attack(
         if not track_best:
             best[active] = x_adv
     return best
+
+
+def check_eot(eot: object) -> int:
+    """EOT sample count: a whole number >= 1 (1 = one pass per step, plain PGD)."""
+    if isinstance(eot, bool) or not isinstance(eot, int) or eot < 1:
+        raise ValueError(f"eot must be a whole number >= 1 (forward/backward passes per step), got {eot!r}")
+    return eot
+
+
+def without_default_eot(params: dict) -> dict:
+    """Attack params minus `eot` when it is 1, so specs (and stored results) of attacks without EOT
+    keep the canonical text they had before EOT existed."""
+    if params.get("eot") == 1:
+        params.pop("eot")
+    return params
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -111,21 +138,26 @@ def _record(
 
 @ATTACKS.register("fgsm")
 class FGSM(Attack):
-    """FGSM (Goodfellow et al. 2015): one eps-step on the sign of the CE gradient, no random start."""
+    """FGSM (Goodfellow et al. 2015): one eps-step on the sign of the CE gradient, no random start; `eot=K` averages K gradients."""
 
     name = "fgsm"
 
-    def __init__(self, *, eps: Fraction = EIGHT_255) -> None:
+    def __init__(self, *, eps: Fraction = EIGHT_255, eot: int = 1) -> None:
         super().__init__(eps=eps)
+        self.eot = check_eot(eot)
+
+    @property
+    def params(self):
+        return without_default_eot(super().params)
 
     def perturb(self, view, x, y, generator):
         return pgd_attack(view, x, y, eps=float(self.eps), alpha=float(self.eps), steps=1,
-                          random_start=False, generator=generator)
+                          random_start=False, generator=generator, eot=self.eot)
 
 
 @ATTACKS.register("pgd", shorthand="steps")
 class PGD(Attack):
-    """PGD (Madry et al. 2018), l-inf: random start, step eps/4 (2/255 at 8/255), CE loss, best iterate kept; `pgd20` = 20 steps."""
+    """PGD (Madry et al. 2018), l-inf: random start, step eps/4 (2/255 at 8/255), CE loss, best iterate kept; `pgd20` = 20 steps, `eot=K` for stochastic models."""
 
     name = "pgd"
 
@@ -139,6 +171,7 @@ class PGD(Attack):
         random_start: bool = True,
         loss: str = "ce",
         kappa: float = 0.0,
+        eot: int = 1,
     ) -> None:
         super().__init__(eps=eps)
         if steps < 1 or restarts < 1:
@@ -153,18 +186,23 @@ class PGD(Attack):
         self.random_start = random_start
         self.loss = loss
         self.kappa = kappa
+        self.eot = check_eot(eot)
+
+    @property
+    def params(self):
+        return without_default_eot(super().params)
 
     def perturb(self, view, x, y, generator):
         return pgd_attack(
             view, x, y, eps=float(self.eps), alpha=float(self.alpha),
             steps=self.steps, random_start=self.random_start, restarts=self.restarts,
-            loss=self.loss, kappa=float(self.kappa), generator=generator,
+            loss=self.loss, kappa=float(self.kappa), generator=generator, eot=self.eot,
         )
 
 
 @ATTACKS.register("cw")
 class CW(PGD):
-    """CW-inf as in the seed papers' tables: PGD-30 on the per-example CW margin loss, kappa 50."""
+    """CW-inf as in the seed papers' tables: PGD-30 on the per-example CW margin loss, kappa 50; `eot=K` as PGD."""
 
     name = "cw"
 
@@ -177,9 +215,10 @@ class CW(PGD):
         restarts: int = 1,
         random_start: bool = True,
         kappa: float = 50.0,
+        eot: int = 1,
     ) -> None:
         super().__init__(eps=eps, steps=steps, alpha=alpha, restarts=restarts,
-                         random_start=random_start, loss="margin", kappa=kappa)
+                         random_start=random_start, loss="margin", kappa=kappa, eot=eot)
 
     @property
     def params(self):

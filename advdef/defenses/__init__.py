@@ -13,6 +13,6 @@ class NoDefense(Defense):
 
 
 # The seed papers' defenses register themselves on import (after `none`, which they may refer to).
-from advdef.defenses import cas, cifs, denoise, ewas, fsr, smooth  # noqa: E402,F401
+from advdef.defenses import cas, cifs, denoise, ewas, fsr, randomize, smooth  # noqa: E402,F401
 
 __all__ = ["AdaptiveDeclaration", "Defense", "NoDefense"]

@@ -8,7 +8,10 @@ Rules that keep numbers honest:
   which saves time and cannot change the worst case;
 - each attack's output is re-scored through the view and checked against the eps budget;
 - attacks run over fixed batches of the eligible samples with a per-batch seed, and each batch is
-  one transaction, so a killed evaluation resumes where it stopped with the same results.
+  one transaction, so a killed evaluation resumes where it stopped with the same results; the
+  global RNG, which stochastic defenses draw from, is seeded per batch too;
+- the protocol records whether the defense is stochastic and each attack its EOT sample count,
+  so the summary can flag a stochastic defense that no EOT attack evaluated.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import torch
 
-from advdef.attacks.base import check_budget, eval_mode
+from advdef.attacks.base import check_budget, eval_mode, preserved_rng
 from advdef.attacks.pgd import EIGHT_255
 from advdef.data.base import Split, limit_split
 from advdef.device import prepare, select_device
@@ -67,6 +72,19 @@ class EvalConfig:
 def batch_seed(seed: int, attack: str, first_sample_id: int) -> int:
     digest = hashlib.sha256(f"{seed}|{attack}|{first_sample_id}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+@contextmanager
+def seeded_model_rng(seed: int, attack: str, first_sample_id: int) -> Iterator[None]:
+    """Seed the global RNG for one batch, restoring the caller's state afterwards.
+
+    Stochastic defenses (e.g. `randomize`) draw from the global RNG; seeding it per batch makes
+    their draws, and so a resumed evaluation, reproducible. The seed is derived apart from the
+    attack's own generator seed so the model's draws do not replay the attack's random start.
+    """
+    with preserved_rng():
+        torch.manual_seed(batch_seed(seed, f"{attack}|model-rng", first_sample_id))
+        yield
 
 
 def protocol_key(protocol: dict) -> str:
@@ -120,6 +138,8 @@ def load_target(store: Store, run_id: str, config: EvalConfig) -> EvaluationTarg
         "device": str(device),
         "batch_size": config.batch_size,
         "limit_test": config.limit_test,
+        # One forward is one random draw of a stochastic model: its attacks need EOT (summary warns).
+        "stochastic_defense": bool(built.defense.stochastic),
         "versions": library_versions(),
     }
     return EvaluationTarget(run, built.model, samples, protocol, device)
@@ -155,7 +175,7 @@ def run_clean(store: Store, eval_id: int, target: EvaluationTarget, config: Eval
         for positions in _batches(todo, config.batch_size):
             started = time.perf_counter()
             x = prepare(samples.float_images(positions), target.device, True)
-            with torch.no_grad():
+            with torch.no_grad(), seeded_model_rng(config.seed, CLEAN, int(samples.ids[positions[0]])):
                 predictions = target.view(x).argmax(1).cpu()
             labels = samples.labels[positions]
             rows = [
@@ -190,7 +210,8 @@ def run_attack(
     store: Store, eval_id: int, target: EvaluationTarget, spec: str, config: EvalConfig, reporter: Reporter
 ) -> None:
     attack = ATTACKS.create(spec, eps=Fraction(config.eps))
-    details = {"implementation": attack.implementation, "eps": target.protocol["eps"]}
+    # Gradient samples per step (Expectation over Transformation); 1 for attacks without EOT.
+    details = {"implementation": attack.implementation, "eps": target.protocol["eps"], "eot": getattr(attack, "eot", 1)}
     store.start_attack(eval_id, spec, details)
     if any(a["attack"] == spec and a["status"] == "done" for a in store.eval_attacks(eval_id)):
         return
@@ -214,10 +235,11 @@ def run_attack(
             started = time.perf_counter()
             x = prepare(samples.float_images(positions), target.device, True)
             y = samples.labels[positions].to(target.device)
-            x_adv = attack(target.view, x, y, seed=batch_seed(config.seed, spec, int(ids[0])))
-            check_budget(x, x_adv, float(config.eps))
-            with torch.no_grad():
-                predictions = target.view(x_adv).argmax(1)
+            with seeded_model_rng(config.seed, spec, int(ids[0])):
+                x_adv = attack(target.view, x, y, seed=batch_seed(config.seed, spec, int(ids[0])))
+                check_budget(x, x_adv, float(config.eps))
+                with torch.no_grad():
+                    predictions = target.view(x_adv).argmax(1)
             robust = (predictions == y).cpu()
             warnings.extend(getattr(attack, "warnings", []))
             rows = [

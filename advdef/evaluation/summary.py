@@ -4,6 +4,9 @@ Robust accuracy under an attack counts a sample robust only if it was clean-corr
 attack did not break it; samples an earlier attack already broke (outcome NULL) count as not
 robust, so each attack's column is the accuracy after it and every earlier attack. The worst
 case is the per-sample minimum over all attacks — never an average of per-attack accuracies.
+
+Warnings about the evaluation as a whole (a stochastic defense that no EOT attack evaluated) are
+derived here from what the evaluation recorded, so adding an EOT attack later clears them.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class AttackResult:
     seconds: float
     complete: bool
     warnings: list[str] = field(default_factory=list)
+    eot: int = 1  # gradient samples per step (Expectation over Transformation)
 
 
 @dataclass
@@ -40,10 +44,29 @@ class EvalSummary:
     attacks: list[AttackResult]
     worst: Proportion
     seconds: float
+    warnings: list[str] = field(default_factory=list)  # about the evaluation as a whole
 
     @property
     def complete(self) -> bool:
         return all(a.complete for a in self.attacks)
+
+    @property
+    def stochastic(self) -> bool:
+        """The evaluated defense draws new randomness every forward pass (each score is one draw)."""
+        return bool(self.protocol.get("stochastic_defense", False))
+
+
+STOCHASTIC_WITHOUT_EOT = (
+    "stochastic defense evaluated without EOT: its robust accuracy is likely overstated "
+    "(each gradient follows one random draw); add an EOT attack, e.g. pgd:eot=30"
+)
+
+
+def evaluation_warnings(protocol: dict, attacks: list[AttackResult]) -> list[str]:
+    """Warnings about the set of attacks an evaluation ran, as opposed to one attack's own warnings."""
+    if protocol.get("stochastic_defense") and not any(a.eot > 1 for a in attacks):
+        return [STOCHASTIC_WITHOUT_EOT]
+    return []
 
 
 def short_label(spec: str, eps: Fraction = EIGHT_255) -> str:
@@ -88,6 +111,7 @@ def summarize(store: Store, eval_id: int) -> EvalSummary:
                 seconds=attack["seconds"],
                 complete=attack["status"] == "done" and len(rows) == n,
                 warnings=attack["details"].get("warnings", []),
+                eot=attack["details"].get("eot", 1),
             )
         )
     return EvalSummary(
@@ -98,4 +122,5 @@ def summarize(store: Store, eval_id: int) -> EvalSummary:
         attacks=results,
         worst=Proportion(len(clean_ok - broken), n),
         seconds=seconds,
+        warnings=evaluation_warnings(evaluation["protocol"], results),
     )

@@ -66,7 +66,11 @@ def _row(summary: EvalSummary) -> dict:
         "worst": summary.worst,
         "seconds": summary.seconds,
         "complete": summary.complete,
-        "warnings": sorted({w for a in summary.attacks for w in a.warnings}),
+        # Each attack's own warnings (AutoAttack's checks), then the evaluation's (stochastic without EOT).
+        "warnings": sorted({f"{a.label} warning: {w}" for a in summary.attacks for w in a.warnings})
+        + [f"warning: {w}" for w in summary.warnings],
+        "stochastic": summary.stochastic,
+        "eot_attacks": [a.label for a in summary.attacks if a.eot > 1],
     }
     for attack in summary.attacks:
         row[attack.label] = attack.robust
@@ -91,8 +95,11 @@ def comparison_tables(store: Store, run_ids: list[str] | None = None) -> list[Co
         for row in table.rows:
             if not row["complete"]:
                 table.notes.append(f"{row['run']}: evaluation incomplete (resume with advdef evaluate)")
+            if row["stochastic"]:
+                eot = ", ".join(row["eot_attacks"]) or "none"
+                table.notes.append(f"{row['run']}: stochastic defense, each accuracy is one random draw; EOT attacks: {eot}")
             for warning in row["warnings"]:
-                table.notes.append(f"{row['run']}: AutoAttack warning: {warning}")
+                table.notes.append(f"{row['run']}: {warning}")
         if len(tables) > 1:
             table.notes.append("other protocols are in separate tables: their numbers are not comparable")
     return list(tables.values())
