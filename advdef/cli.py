@@ -277,21 +277,29 @@ def _preset_lines(described: dict[str, Any]) -> list[str]:
 
 
 def _eval_config(attacks: str, n: Optional[int], eps: str, seed: int, batch_size: int, limit_test: Optional[int],
-                 data_dir: Optional[str], download: bool, device: str, epoch: Optional[int]):
+                 data_dir: Optional[str], download: bool, device: str, epoch: Optional[int], **options: Any):
     from advdef.evaluation.engine import EvalConfig
     from advdef.specs import split_specs
 
     specs = split_specs(attacks)
     if not specs:
-        raise UserError("--attacks is empty; e.g. --attacks fgsm,pgd20,cw,aa")
+        raise UserError("--attacks is empty; e.g. --attacks fgsm,pgd20,cw,aa or --suite full")
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     if limit_test is not None and limit_test < 1:
         raise UserError("--limit-test must be at least 1")
     config = EvalConfig(attacks=specs, eps=_eps(eps), n=n, seed=seed, batch_size=batch_size, limit_test=limit_test,
-                        data_dir=data_dir, download=download, device=device, epoch=epoch)
+                        data_dir=data_dir, download=download, device=device, epoch=epoch, **options)
     config.canonical_attacks()
     return config
+
+
+SUITE_HELP = (
+    "Attack suite: standard (fgsm, cw, pgd20, aa), adaptive (the defense's own adaptive attacks), blackbox "
+    "(square, noise), transfer (from an undefended run in the store), paper (the defense paper's attacks), "
+    "full (standard + adaptive + blackbox + transfer)."
+)
+DEFAULT_SUITE_N = 100  # `evaluate` with neither --attacks nor --n: the full suite on a small sample
 
 
 NOption = Annotated[Optional[int], typer.Option("--n", help="Evaluate N test samples (seeded, class-balanced); default all.")]
@@ -305,7 +313,8 @@ EpochOption = Annotated[Optional[int], typer.Option("--epoch", help="Evaluate th
 @app.command()
 @handles_user_errors
 def evaluate(
-    attacks: Annotated[str, typer.Option("--attacks", help="Comma-separated attack specs: fgsm,pgd20,cw,aa.")] = "fgsm,pgd20,cw,aa",
+    attacks: Annotated[Optional[str], typer.Option("--attacks", help="Comma-separated attack specs or suite names, e.g. fgsm,pgd20,cw,aa or pgd20,adaptive. (default: --suite full on --n 100)")] = None,
+    suite: Annotated[Optional[str], typer.Option("--suite", help=SUITE_HELP)] = None,
     run: Annotated[Optional[list[str]], typer.Option("--run", help="Run id (repeatable); default: every run lacking these attacks.")] = None,
     n: NOption = None,
     eps: EpsOption = "8/255",
@@ -316,13 +325,24 @@ def evaluate(
     data_dir: DataDirOption = None,
     download: DownloadOption = False,
     device: DeviceOption = "auto",
+    eot: Annotated[Optional[int], typer.Option("--eot", help="Gradient samples per step for attacks that take eot (default 20 for a stochastic defense, else 1).")] = None,
+    checks: Annotated[bool, typer.Option("--checks/--no-checks", help="Run the gradient-masking sanity checks after the attacks.")] = True,
+    n_check: Annotated[int, typer.Option("--n-check", help="Samples the sanity checks attack.")] = 100,
     store_path: StoreOption = None,
 ) -> None:
-    """Measure robust accuracy per attack and the per-sample worst case; resumable."""
+    """Measure robust accuracy per attack and the per-sample worst case, then run sanity checks; resumable."""
     from advdef import pipeline
     from advdef.report import comparison_tables, print_rich
 
-    config = _eval_config(attacks, n, eps, seed, batch_size, limit_test, data_dir, download, device, epoch)
+    from advdef.evaluation.suites import SUITES
+
+    if suite is not None and suite not in SUITES:
+        raise UserError(f"unknown suite '{suite}'; valid: {', '.join(SUITES)}")
+    if attacks is None and suite is None:
+        suite, n = "full", DEFAULT_SUITE_N if n is None else n
+    combined = ",".join(part for part in (attacks, suite) if part)
+    config = _eval_config(combined, n, eps, seed, batch_size, limit_test, data_dir, download, device, epoch,
+                          eot=eot, checks=checks, n_check=n_check)
     store = _open_store(store_path)
     with _reporter() as reporter:
         eval_ids = pipeline.evaluate(store, config, run, reporter)
@@ -398,7 +418,7 @@ def report(
 @app.command("export")
 @handles_user_errors
 def export(
-    table: Annotated[str, typer.Argument(help="runs, checkpoints, evaluations, eval_attacks or outcomes.")],
+    table: Annotated[str, typer.Argument(help="runs, checkpoints, evaluations, eval_attacks, outcomes or checks.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="CSV file (default stdout).")] = None,
     store_path: StoreOption = None,
 ) -> None:

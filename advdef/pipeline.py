@@ -17,12 +17,13 @@ from advdef.attacks.base import eval_mode
 from advdef.device import prepare
 from advdef.errors import UserError
 from advdef.evaluation.engine import CLEAN, EvalConfig, batch_seed, evaluate_run, load_target, protocol_key
+from advdef.evaluation.suites import is_keyword
 from advdef.progress import Reporter, SilentReporter
 from advdef.registry import ATTACKS
 from advdef.specs import format_value
 from advdef.store import Store
 from advdef.training.config import TrainConfig
-from advdef.training.trainer import start_run
+from advdef.training.trainer import open_dataset, start_run
 
 
 def runs_dir_for(store: Store, runs_dir: str | Path | None) -> Path:
@@ -36,9 +37,11 @@ def runs_dir_for(store: Store, runs_dir: str | Path | None) -> Path:
 
 def pending_runs(store: Store, config: EvalConfig) -> list[str]:
     """Trained runs lacking a finished outcome for any requested attack under this protocol."""
-    wanted = set(config.canonical_attacks()) | {CLEAN}
+    keywords = any(is_keyword(item) for item in config.attacks)
     pending = []
     for run in store.runs(status="trained"):
+        context = config.suite_context(store, run, run_defense(run)) if keywords else None
+        wanted = set(config.canonical_attacks(context)) | {CLEAN}
         finished: set[str] = set()
         for evaluation in store.evaluations(run["run_id"]):
             protocol = evaluation["protocol"]
@@ -54,6 +57,16 @@ def pending_runs(store: Store, config: EvalConfig) -> list[str]:
         if not wanted <= finished:
             pending.append(run["run_id"])
     return pending
+
+
+def run_defense(run: dict):
+    """The run's defense plugin attached to its (untrained) architecture: what suite keywords need
+    to know (declared heads, surrogates, stochasticity) without loading any weights."""
+    from advdef.models import build_model
+
+    train_config = TrainConfig.from_json(run["config"])
+    info = open_dataset(train_config.data, train_config.data_dir).info
+    return build_model(train_config.arch, info, train_config.defense, train_config.dual_bn_setting).defense
 
 
 def evaluate(store: Store, config: EvalConfig, run_ids: list[str] | None = None, reporter: Reporter | None = None) -> list[int]:

@@ -140,7 +140,9 @@ def split_specs(text: str) -> list[str]:
     for group in re.split(r"[;\s]+", text.strip()):
         current: str | None = None
         for chunk in group.split(","):
-            if current is not None and ":" in current and not _starts_attack_spec(chunk):
+            if current is not None and ":" in current and (
+                _continues_list(current, chunk) or not _starts_attack_spec(chunk)
+            ):
                 current += "," + chunk
             else:
                 if current is not None:
@@ -151,11 +153,29 @@ def split_specs(text: str) -> list[str]:
     return [s for s in (s.strip() for s in specs) if s]
 
 
+def _continues_list(current: str, chunk: str) -> bool:
+    """True when `chunk` is one more item of the list the current spec's last parameter holds and
+    the plugin declares it a valid item (`list_values`), e.g. `square` in
+    `aa:version=custom,attacks=apgd-ce,square`, though `square` is also an attack's name."""
+    from advdef.registry import ATTACKS
+
+    if "=" in chunk or ":" in chunk:
+        return False
+    name, _, body = current.partition(":")
+    last_key = next((c.partition("=")[0].strip() for c in reversed(body.split(",")) if "=" in c), None)
+    if last_key is None or not ATTACKS.knows(name.strip()):
+        return False
+    plugin, _ = ATTACKS.parse(name.strip())
+    return chunk.strip() in getattr(plugin.factory, "list_values", {}).get(last_key, ())
+
+
 def _starts_attack_spec(chunk: str) -> bool:
     from advdef.registry import ATTACKS  # the registry imports this module
 
+    from advdef.evaluation.suites import is_keyword
+
     name = chunk.split(":", 1)[0].strip()
-    return bool(_NAME.match(name)) and ATTACKS.knows(name)
+    return bool(_NAME.match(name)) and (ATTACKS.knows(name) or (":" not in chunk and is_keyword(name)))
 
 
 def resolve_params(factory: Any, spec: Spec, what: str) -> dict[str, Any]:
@@ -171,6 +191,13 @@ def resolve_params(factory: Any, spec: Spec, what: str) -> dict[str, Any]:
         if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and name != "self"
     }
     params = dict(spec.params)
+    # A factory may accept other spellings of its parameters, e.g. `transfer:from=RUN` for the
+    # parameter `source` (`from` is a Python keyword).
+    for alias, name in getattr(factory, "spec_aliases", {}).items():
+        if alias in params:
+            if name in params:
+                raise UserError(f"{what} '{spec.name}': '{alias}' and '{name}' name the same parameter; give one")
+            params[name] = params.pop(alias)
     if POSITIONAL in params:
         if not accepted:
             raise UserError(f"{what} '{spec.name}' takes no parameters")

@@ -32,3 +32,17 @@ def number(
         required = " and ".join(b for b in bounds if b)
         raise ValueError(f"{name} must be a finite number{' ' + required if required else ''}, got {value!r}")
     return float(value)  # type: ignore[arg-type]
+
+
+def whole(name: str, value: object, minimum: int = 1) -> int:
+    """A whole number >= minimum, else a one-line ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    return value
+
+
+def flag(name: str, value: object) -> bool:
+    """A boolean spec value (true/false), else a one-line ValueError."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value

@@ -48,6 +48,9 @@ def test_info_json_reports_parameters():
         (["evaluate", "--eps", "0"], "outside (0, 1]"),
         (["evaluate", "--eps", "2"], "outside (0, 1]"),
         (["evaluate", "--attacks", "pgd:eps=4/255"], "set the threat model with --eps"),
+        (["evaluate", "--suite", "fast"], "unknown suite 'fast'; valid: standard, adaptive, blackbox"),
+        (["evaluate", "--eot", "0"], "--eot must be a whole number >= 1"),
+        (["train", "--dual-bn", "main"], "valid: off, clean, adversarial"),
         (["attack", "--run", "nope"], "unknown run id 'nope'"),
         (["evaluate", "--run", "nope", "--attacks", "fgsm"], "unknown run id 'nope'"),
         (["report", "--run", "nope"], "unknown run id 'nope'"),
@@ -127,3 +130,14 @@ def test_aa_runs_through_the_cli(eval_store):
                     "--device", "cpu", store=path)
     assert result.exit_code == 0, result.output
     assert "aa" in result.output
+
+
+def test_evaluate_reports_checks_and_both_worst_cases(eval_store):
+    store, runs = eval_store
+    result = invoke("evaluate", "--run", runs["pgd_at"], "--attacks", "fgsm,pgd:steps=5,blackbox", "--n", "30",
+                    "--device", "cpu", "--eps", "16/255", "--n-check", "30", store=store.path)
+    assert result.exit_code == 0, result.output
+    assert "white-box worst" in result.output and "checks" in result.output
+    assert "broken first by" in result.output
+    exported = invoke("export", "checks", store=store.path)
+    assert exported.exit_code == 0 and "zero_gradients" in exported.output

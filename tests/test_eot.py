@@ -148,7 +148,8 @@ def _copy(path, tmp_path) -> Store:
 def test_evaluation_warns_until_an_eot_attack_is_run(randomized_run, tmp_path):
     path, run_id = randomized_run
     store = _copy(path, tmp_path)
-    eval_id = evaluate_run(store, run_id, EvalConfig(attacks=["fgsm"], n=10, device="cpu"))
+    # --eot 1 switches off the EOT a stochastic defense otherwise gets by default (advdef.evaluation.suites).
+    eval_id = evaluate_run(store, run_id, EvalConfig(attacks=["fgsm"], n=10, device="cpu", eot=1, checks=False))
     summary = summarize(store, eval_id)
     assert summary.stochastic and summary.protocol["stochastic_defense"] is True
     assert summary.warnings == [STOCHASTIC_WITHOUT_EOT]
@@ -156,7 +157,8 @@ def test_evaluation_warns_until_an_eot_attack_is_run(randomized_run, tmp_path):
     assert any(STOCHASTIC_WITHOUT_EOT in note and "pgd:eot=30" in note for note in notes)
     assert any("stochastic defense, each accuracy is one random draw; EOT attacks: none" in n for n in notes)
 
-    again = evaluate_run(store, run_id, EvalConfig(attacks=["fgsm", "pgd:steps=5,eot=4"], n=10, device="cpu"))
+    again = evaluate_run(store, run_id, EvalConfig(attacks=["fgsm", "pgd:steps=5,eot=4"], n=10, device="cpu", eot=1,
+                                                   checks=False))
     assert again == eval_id
     summary = summarize(store, eval_id)
     assert [a.eot for a in summary.attacks] == [1, 4]
@@ -169,8 +171,16 @@ def test_evaluation_warns_until_an_eot_attack_is_run(randomized_run, tmp_path):
 def test_eot_only_evaluation_has_no_warning(randomized_run, tmp_path):
     path, run_id = randomized_run
     store = _copy(path, tmp_path)
-    eval_id = evaluate_run(store, run_id, EvalConfig(attacks=["pgd:steps=5,eot=4"], n=10, device="cpu"))
+    eval_id = evaluate_run(store, run_id, EvalConfig(attacks=["pgd:steps=5,eot=4"], n=10, device="cpu", checks=False))
     assert summarize(store, eval_id).warnings == []
+
+
+def test_a_stochastic_defense_gets_eot_by_default(randomized_run, tmp_path):
+    path, run_id = randomized_run
+    store = _copy(path, tmp_path)
+    summary = summarize(store, evaluate_run(store, run_id, EvalConfig(attacks=["fgsm"], n=10, device="cpu",
+                                                                      checks=False)))
+    assert [a.eot for a in summary.attacks] == [20] and summary.warnings == []
 
 
 def test_stochastic_evaluation_is_reproducible(randomized_run, tmp_path):

@@ -62,6 +62,8 @@ def standard_settings(adversary) -> dict:
 class AutoAttack(Attack):
     """Official AutoAttack (pyautoattack); `aa` = standard, `aa:version=plus|rand`, or `aa:version=custom,attacks=apgd-ce,square`."""
 
+    list_values = {"attacks": SUB_ATTACKS}  # lets `attacks=apgd-ce,square` keep `square` in the list
+
     name = "aa"
 
     def __init__(

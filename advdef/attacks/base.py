@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
@@ -70,6 +71,24 @@ def preserved_rng(device: torch.device | str | None = None) -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+@dataclass
+class AttackContext:
+    """What an attack may know beyond the label-free view, handed over by `Attack.bind`.
+
+    Ordinary attacks ignore it. Adaptive attacks deliberately target a defense's internals
+    (auxiliary heads, masks, gradient surrogates) through `model` (in eval mode, labels refused)
+    and `defense` (the plugin instance, with its declarations); transfer attacks load another run
+    from `store`. Robustness is still decided by re-scoring the returned inputs through the view.
+    """
+
+    model: nn.Module
+    defense: Any
+    run: dict
+    device: torch.device
+    store: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
 class Attack:
     """Base of attack plugins (l-inf threat model).
 
@@ -80,6 +99,10 @@ class Attack:
 
     name: str = "attack"
     norm: str = "Linf"
+    # How the report groups attacks: "white-box" (gradients of the final logits: what defense
+    # papers report), "adaptive" (targets the defense's internals), "black-box" (no gradients),
+    # "transfer" (crafted on another model).
+    family: str = "white-box"
 
     def __init__(self, *, eps: Fraction) -> None:
         if not 0 < eps <= 1:
@@ -116,6 +139,10 @@ class Attack:
 
     def perturb(self, view: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
+
+    def bind(self, context: AttackContext) -> None:
+        """Called by the evaluation before the first batch; attacks that need the defended model's
+        internals or another run keep what they need. The default needs nothing."""
 
 
 def check_budget(x: torch.Tensor, x_adv: torch.Tensor, eps: float, tolerance: float = 1e-6) -> None:

@@ -37,6 +37,7 @@ def pgd_attack(
     track_best: bool = True,
     x_start: torch.Tensor | None = None,
     eot: int = 1,
+    targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """l-inf PGD maximising `loss`; returns adversarial inputs within eps of x and in [0,1].
 
@@ -46,6 +47,10 @@ def pgd_attack(
     without it (adversarial training), the last iterate. `x_start` replaces the random/no start
     with a caller-chosen first iterate (e.g. TRADES' x + 0.001 N(0,1)).
 
+    `targets` (one class per example) makes the attack targeted: it descends the CE (or the
+    targeted margin) towards them, while an example still counts as broken when it is
+    misclassified as any class (robust accuracy stays untargeted).
+
     `eot` = K > 1 is Expectation over Transformation (Athalye et al. 2018) for stochastic models:
     each step follows the mean gradient of K independent forward/backward passes, K times the
     cost. Best-iterate tracking and the misclassification check use the first pass's logits.
@@ -53,6 +58,9 @@ def pgd_attack(
     eot = check_eot(eot)
 
     def objective(logits: torch.Tensor) -> torch.Tensor:
+        if targets is not None:  # towards the target class; success is still any misclassification
+            t_active = targets[active]
+            return -cross_entropy(logits, t_active) if loss == "ce" else _targeted_margin(logits, t_active, kappa)
         if callable(loss):
             return loss(logits, y_active)
         return cross_entropy(logits, y_active) if loss == "ce" else margin(logits, y_active, kappa)
@@ -97,6 +105,30 @@ def pgd_attack(
     return best
 
 
+def _targeted_margin(logits: torch.Tensor, targets: torch.Tensor, kappa: float) -> torch.Tensor:
+    """Per-example targeted CW margin to maximise: z_t - max_{j != t} z_j, clamped at kappa."""
+    target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+    others = logits.masked_fill(torch.nn.functional.one_hot(targets, logits.shape[1]).bool(), float("-inf"))
+    return (target_logit - others.amax(1)).clamp(max=kappa)
+
+
+TARGET_RULES = ("none", "random", "least_likely")
+
+
+def choose_targets(rule: str, view: Forward, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+    """One wrong class per example: uniformly random ("random", the feature-denoising protocol) or
+    the clean input's least likely class ("least_likely"); None for untargeted attacks."""
+    if rule == "none":
+        return None
+    if rule == "random":
+        with torch.no_grad():
+            classes = view(x[:1]).shape[1]
+        shift = torch.randint(1, classes, (len(y),), generator=generator).to(y.device)
+        return (y + shift) % classes
+    with torch.no_grad():
+        return view(x).argmin(1)
+
+
 def check_eot(eot: object) -> int:
     """EOT sample count: a whole number >= 1 (1 = one pass per step, plain PGD)."""
     if isinstance(eot, bool) or not isinstance(eot, int) or eot < 1:
@@ -104,11 +136,17 @@ def check_eot(eot: object) -> int:
     return eot
 
 
+# Options added after results were first stored: at these defaults they are left out of the
+# canonical spec, so earlier results keep matching.
+LATER_DEFAULTS = {"eot": 1, "targeted": "none"}
+
+
 def without_default_eot(params: dict) -> dict:
-    """Attack params minus `eot` when it is 1, so specs (and stored results) of attacks without EOT
-    keep the canonical text they had before EOT existed."""
-    if params.get("eot") == 1:
-        params.pop("eot")
+    """Attack params minus options added later (`eot`, `targeted`) at their defaults, so specs
+    (and stored results) of attacks that do not use them keep their canonical text."""
+    for key, default in LATER_DEFAULTS.items():
+        if key in params and params[key] == default:
+            params.pop(key)
     return params
 
 
@@ -172,8 +210,15 @@ class PGD(Attack):
         loss: str = "ce",
         kappa: float = 0.0,
         eot: int = 1,
+        targeted: str = "none",
     ) -> None:
+        """targeted: "none", "random" (a uniformly random wrong class per example, the feature-
+        denoising papers' protocol) or "least_likely"; a targeted attack still counts any
+        misclassification as a break, and its results are stored under its own spec."""
         super().__init__(eps=eps)
+        if targeted not in TARGET_RULES:
+            raise ValueError(f"targeted must be one of {', '.join(TARGET_RULES)}, got '{targeted}'")
+        self.targeted = targeted
         if steps < 1 or restarts < 1:
             raise ValueError("steps and restarts must be at least 1")
         if loss not in ("ce", "margin"):
@@ -197,6 +242,7 @@ class PGD(Attack):
             view, x, y, eps=float(self.eps), alpha=float(self.alpha),
             steps=self.steps, random_start=self.random_start, restarts=self.restarts,
             loss=self.loss, kappa=float(self.kappa), generator=generator, eot=self.eot,
+            targets=choose_targets(self.targeted, view, x, y, generator),
         )
 
 

@@ -10,6 +10,7 @@ adds `aux_loss` to whichever outer loss the AT method produced.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +90,10 @@ class Defense:
 
     citation: str = ""
     published: dict[str, Any] = {}
+    # The attacks of the paper's own tables as advdef specs (`evaluate --suite paper`), at the
+    # paper's eps 8/255 (alpha=4/1275 is eps/10 there); () = fgsm, pgd20, cw. Differences from the
+    # authors' code are in `published["protocol"]`.
+    paper_attacks: tuple[str, ...] = ()
 
     def attach(self, model: Classifier) -> None:
         """Insert the defense's modules into `model` (in place)."""
@@ -149,6 +154,40 @@ class Defense:
 
     def adaptive(self) -> AdaptiveDeclaration:
         return AdaptiveDeclaration()
+
+    # -- what adaptive attacks (advdef.attacks.adaptive) are generated from ----------------
+    # Defaults mean "nothing to adapt to": a defense without heads, head-selected masks or
+    # gradient surrogates gets no adaptive attacks, only the ordinary final-logit ones.
+
+    def attack_heads(self, model: Classifier) -> dict[str, torch.Tensor]:
+        """Logits of the last forward pass that an adaptive attack may push away from the true
+        label (classifiers of y). Default: the training heads, `aux_logits`; a defense whose
+        heads are not all classifiers of y (or are not in `aux_logits`) overrides it."""
+        return self.aux_logits(model)
+
+    def attack_head_names(self) -> tuple[str, ...]:
+        """The keys `attack_heads` returns, in that order, known without a forward pass, so that
+        attack specs can name heads before any input is seen. Default: the declared aux heads."""
+        return tuple(self.adaptive().aux_heads)
+
+    @property
+    def selects_masks(self) -> bool:
+        """True when the argmax/top-k of the attack heads selects the masks applied to features,
+        so forcing a head's prediction to a class forces that class's mask (forced-selection
+        attack). Default: any mask is declared; a defense whose masks do not depend on its heads'
+        predictions overrides it with False."""
+        return bool(self.adaptive().masks)
+
+    def gradient_surrogates(self, model: Classifier | None) -> dict[str, Callable[[], AbstractContextManager[Any]]]:
+        """Named gradient surrogates (BPDA, raised temperature, un-detached masks): each value,
+        called, gives a context manager inside which `model`'s input gradients are the
+        surrogate's. Attacks craft inside it and judge their points on the model outside it.
+
+        The names depend on the defense's configuration only, not on `model` (attack specs are
+        listed from `gradient_surrogates(None)`), and values use `model` only when called.
+        Default: none.
+        """
+        return {}
 
     @property
     def stochastic(self) -> bool:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from fractions import Fraction
 from typing import Any
 
@@ -137,6 +137,9 @@ class CAS(Defense):
     # The paper's numbers (accuracy in %, one run each). dataset -> arch -> AT method ->
     # {"last": metrics, "best": metrics, "baseline": {"last": ..., "best": ...}, "tables": ...}.
     # "baseline" is the same AT method without CAS, trained and attacked by the authors.
+    # The paper's own attacks (the 'adaptive white-box' joint loss, beta 2, PGD-20 step eps/10 (CE and CW margin), plus AA).
+    paper_attacks = ("fgsm", "adaptive:mode=joint,weight=2,steps=20,alpha=4/1275", "adaptive:mode=joint,weight=2,loss=margin,steps=20,alpha=4/1275", "aa")
+
     published: dict[str, Any] = {
         "protocol": {
             "unit": "percent",
@@ -438,6 +441,17 @@ class CAS(Defense):
         finally:
             for module, value in zip(self.modules, previous):
                 module.soft_temperature = value
+
+    @property
+    def selects_masks(self) -> bool:
+        """Each head's argmax picks its module's channel row; without suppressing no mask is applied."""
+        return self.suppress
+
+    def gradient_surrogates(self, model: Classifier | None) -> dict[str, Callable[[], AbstractContextManager[Any]]]:
+        """Soft-selection BPDA (straight-through: forward unchanged) at T = 1 and the sharper T = 0.1."""
+        if not self.suppress:
+            return {}  # the rows never reach the features: nothing to differentiate through
+        return {"soft_mask": lambda: self.soft_mask_gradients(1.0), "soft_mask_t0.1": lambda: self.soft_mask_gradients(0.1)}
 
     def adaptive(self) -> AdaptiveDeclaration:
         points = self.resolved_points or self.points or ["<per-architecture default>"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -240,6 +240,9 @@ class CIFS(Defense):
     # The paper's numbers (accuracy in %, last epoch unless the key says best), by dataset ->
     # architecture -> AT method. Attacks maximise the joint loss of Eq. 3 with the attacker's
     # beta_atk; each number is the worst over beta_atk in {0, 0.1, 1, 2, 10, 100, inf}.
+    # The paper's own attacks (step eps/10, no random start).
+    paper_attacks = ("fgsm", "pgd:steps=20,alpha=4/1275,random_start=false", "cw:alpha=4/1275,random_start=false", "pgd:steps=100,alpha=4/1275,random_start=false")
+
     published: dict[str, Any] = {
         "protocol": {
             "unit": "percent",
@@ -493,6 +496,12 @@ class CIFS(Defense):
         finally:
             for m, mode in zip(modules, previous):
                 m.mask_grad = mode
+
+    def gradient_surrogates(self, model: Classifier | None) -> dict[str, Callable[[], AbstractContextManager[Any]]]:
+        """The un-detached mask recomputation (menu A6), only where the masks are detached."""
+        if not self.mask_detached:
+            return {}  # mask_grad=full: the ordinary gradient already includes the mask's dependence
+        return {"undetached": lambda: self.undetached_masks(model)}
 
     def adaptive(self) -> AdaptiveDeclaration:
         points = self._attached or self.points or []

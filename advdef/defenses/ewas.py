@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -121,6 +121,9 @@ class EWAS(Defense):
     # reserved key "protocol" describing how these numbers were measured. `wrn34_10` holds the
     # paper's "WideResNet"/"WRN-32-10" rows: the official class builds 5 blocks per stage, the
     # WRN-34-10 topology.
+    # The paper's own attacks (L(main) + 0.01 L(ALC): PGD-20 (CE) and CW (margin) at step eps/4).
+    paper_attacks = ("fgsm", "adaptive:mode=joint,weight=0.01,steps=20", "adaptive:mode=joint,weight=0.01,loss=margin,steps=30")
+
     published: dict[str, Any] = {
         "cifar10": {
             "resnet18": {
@@ -316,6 +319,11 @@ class EWAS(Defense):
         finally:
             for module, value in zip(modules, previous):
                 module.temperature = value
+
+    def gradient_surrogates(self, model: Classifier | None) -> dict[str, Callable[[], AbstractContextManager[Any]]]:
+        """Soft-selection surrogates at T = 1 and 0.1. `relaxed` changes the forward too, so an
+        attack must judge its points on the model outside the block."""
+        return {"soft_mask": lambda: EWAS.relaxed(model, 1.0), "soft_mask_t0.1": lambda: EWAS.relaxed(model, 0.1)}
 
     def adaptive(self) -> AdaptiveDeclaration:
         points = self._attached or self.points or ("<point>",)

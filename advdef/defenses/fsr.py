@@ -20,7 +20,7 @@ Written from the paper and the technical digest (docs/defenses.md (section `fsr`
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -231,6 +231,9 @@ class FSR(Defense):
     # dataset -> arch -> AT method -> metric (percent, full test set), plus the eval protocol.
     # Tables 1-4 of the paper (ResNet-18 and VGG16, with FSR). AA and the black-box columns exist
     # only for ResNet-18 / CIFAR-10 (Table 3).
+    # The paper's own attacks (step eps/10, no random start, final logits).
+    paper_attacks = ("fgsm", "pgd:steps=20,alpha=4/1275,random_start=false", "pgd:steps=100,alpha=4/1275,random_start=false", "cw:alpha=4/1275,random_start=false", "aa")
+
     published: dict[str, Any] = {
         "cifar10": {
             "resnet18": {
@@ -458,6 +461,36 @@ class FSR(Defense):
                 f"(Gumbel noise); eval mode is deterministic."
             ),
         )
+
+    # The heads trained towards y (robust, recalibrated) are what an attack pushes away from y; the
+    # non-robust head is trained towards a wrong class, and no head's prediction selects the mask.
+    ATTACK_KINDS = ("robust", "recalibrated")
+
+    def attack_head_names(self) -> tuple[str, ...]:
+        """The declared heads that classify y (not the non-robust head, trained towards y')."""
+        return tuple(h for h in self.adaptive().aux_heads if h.rsplit("/", 1)[-1] in self.ATTACK_KINDS)
+
+    def attack_heads(self, model: Classifier) -> dict[str, torch.Tensor]:
+        """The shared head's logits on f+ and recalibrated f~- from the last forward pass."""
+        aux = model.aux_outputs()
+        missing = [h for h in self.attack_head_names() if h not in aux]
+        if missing:
+            raise RuntimeError(f"FSR outputs {', '.join(missing)} missing: run a forward pass first")
+        return {h: aux[h] for h in self.attack_head_names()}
+
+    @property
+    def selects_masks(self) -> bool:
+        """The mask is sigmoid(r / tau) of the separation net, not chosen by a head's prediction."""
+        return False
+
+    def gradient_surrogates(self, model: Classifier | None) -> dict[str, Callable[[], AbstractContextManager[Any]]]:
+        """Straight-through raised-temperature masks (menu A5): value at the trained tau, gradient at 1 or 0.5."""
+        if self.ablation == "no_sep":
+            return {}  # no mask
+        return {
+            "mask_temperature": lambda: FSR.mask_temperature(model, 1.0, straight_through=True),
+            "mask_temperature_0.5": lambda: FSR.mask_temperature(model, 0.5, straight_through=True),
+        }
 
     @staticmethod
     def joint_objective(model: Classifier, beta: float = 2.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

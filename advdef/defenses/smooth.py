@@ -17,7 +17,7 @@ Paper vs official-code differences and gradient-masking notes: docs/defenses.md 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from torch import nn
@@ -153,6 +153,7 @@ class Smooth(Defense):
                 f"act={self.act} has a learnable parameter that needs the smooth forward; it works with passes=all only"
             )
         self.passes = passes
+        self.replaced = 0
 
     @staticmethod
     def canonical_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -160,7 +161,6 @@ class Smooth(Defense):
         `smooth`, `smooth:act=swish` and `smooth:act=silu,passes=all` name one model."""
         act, options = resolve_activation(params["act"], {k: params.get(k) for k in OPTION_CHECKS})
         return {"act": act, "passes": params["passes"], **options}
-        self.replaced = 0
 
     # -- surgery ----------------------------------------------------------------------------
     def attach(self, model: Classifier) -> None:
@@ -199,6 +199,12 @@ class Smooth(Defense):
         finally:
             for module, value in zip(modules, previous):
                 module.always = value
+
+    def gradient_surrogates(self, model: Classifier | None) -> dict[str, Callable[[], AbstractContextManager[Any]]]:
+        """The smooth backward in the evaluated pass, for ReLU-forward (surrogate-pass) models only."""
+        if self.passes == "all":
+            return {}  # the model already backpropagates its own smooth forward
+        return {"smooth_backward": lambda: Smooth.surrogate_gradients(model)}
 
     def adaptive(self) -> AdaptiveDeclaration:
         if self.passes == "all":

@@ -24,13 +24,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+from typing import Any
+
 import torch
 
-from advdef.attacks.base import check_budget, eval_mode, preserved_rng
+from advdef.attacks.base import AttackContext, check_budget, eval_mode, preserved_rng
 from advdef.attacks.pgd import EIGHT_255
 from advdef.data.base import Split, limit_split
 from advdef.device import prepare, select_device
 from advdef.errors import UserError
+from advdef.evaluation.suites import SuiteContext, expand, is_keyword
 from advdef.progress import Reporter, SilentReporter
 from advdef.registry import ATTACKS
 from advdef.specs import format_value
@@ -56,17 +59,32 @@ class EvalConfig:
     download: bool = False
     device: str = "auto"
     epoch: int | None = None  # default: the run's selected (best) epoch
+    # Gradient samples per step for attacks that take `eot`; None = 20 for a stochastic defense.
+    eot: int | None = None
+    # Sanity checks (advdef.evaluation.checks) after the attacks, on up to n_check samples.
+    checks: bool = True
+    n_check: int = 100
 
-    def canonical_attacks(self) -> list[str]:
-        """Canonical attack specs with every parameter resolved (eps excluded: it is the protocol's)."""
+    def canonical_attacks(self, context: SuiteContext | None = None) -> list[str]:
+        """Canonical attack specs with every parameter resolved (eps excluded: it is the protocol's).
+
+        Suite keywords (`standard`, `adaptive`, `full`, ...) depend on the evaluated run, so they
+        expand only with its `context`; without one they are checked by name and left out.
+        """
+        if self.eot is not None and (isinstance(self.eot, bool) or not isinstance(self.eot, int) or self.eot < 1):
+            raise UserError(f"--eot must be a whole number >= 1, got {self.eot!r}")
+        items = expand(self.attacks, context) if context is not None else [a for a in self.attacks if not is_keyword(a)]
         specs = []
-        for text in self.attacks:
+        for text in items:
             if "eps" in ATTACKS.parse(text)[1].params:
                 raise UserError(f"attack '{text}' sets eps; set the threat model with --eps for all attacks")
             specs.append(ATTACKS.create(text, eps=Fraction(self.eps)).spec())
         if len(set(specs)) != len(specs):
             raise UserError("the same attack is listed twice")
         return specs
+
+    def suite_context(self, store: Store, run: dict, defense: object) -> SuiteContext:
+        return SuiteContext(defense=defense, run=run, store=store, eot=self.eot)
 
 
 def batch_seed(seed: int, attack: str, first_sample_id: int) -> int:
@@ -110,6 +128,7 @@ class EvaluationTarget:
     protocol: dict
     device: torch.device
     view: torch.nn.Module | None = None
+    defense: Any = None  # the defense plugin attached to `model` (adaptive attacks read its declarations)
 
 
 def load_target(store: Store, run_id: str, config: EvalConfig) -> EvaluationTarget:
@@ -142,14 +161,18 @@ def load_target(store: Store, run_id: str, config: EvalConfig) -> EvaluationTarg
         "stochastic_defense": bool(built.defense.stochastic),
         "versions": library_versions(),
     }
-    return EvaluationTarget(run, built.model, samples, protocol, device)
+    return EvaluationTarget(run, built.model, samples, protocol, device, defense=built.defense)
 
 
 def evaluate_run(store: Store, run_id: str, config: EvalConfig, reporter: Reporter | None = None) -> int:
     """Evaluate one run with every attack of `config`; returns the evaluation id."""
     reporter = reporter or SilentReporter()
-    attacks = config.canonical_attacks()
+    config.canonical_attacks()  # bad specs fail before the model is loaded
     target = load_target(store, run_id, config)
+    context = config.suite_context(store, target.run, target.defense)
+    attacks = config.canonical_attacks(context)
+    for note in context.notes:
+        reporter.message(f"{run_id}: {note}")
     eval_id = store.get_or_create_evaluation(
         run_id, protocol_key(target.protocol), target.protocol, target.samples.ids.tolist()
     )
@@ -158,6 +181,10 @@ def evaluate_run(store: Store, run_id: str, config: EvalConfig, reporter: Report
         run_clean(store, eval_id, target, config, reporter)
         for spec in attacks:
             run_attack(store, eval_id, target, spec, config, reporter)
+        if config.checks:
+            from advdef.evaluation.checks import run_checks
+
+            run_checks(store, eval_id, target, config, reporter, n_check=config.n_check)
     return eval_id
 
 
@@ -224,6 +251,9 @@ def run_attack(
     ]
     if skipped_rows:
         store.record_outcomes(eval_id, spec, skipped_rows, 0.0)
+    if len(attack_positions):
+        attack.bind(AttackContext(model=target.model, defense=target.defense, run=target.run,
+                                  device=target.device, store=store))
     warnings: list[str] = []
     with reporter.task(f"{target.run['run_id']}: {spec.split(':')[0]}", len(attack_positions)) as task:
         broken_total = 0

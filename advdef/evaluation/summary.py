@@ -4,6 +4,12 @@ Robust accuracy under an attack counts a sample robust only if it was clean-corr
 attack did not break it; samples an earlier attack already broke (outcome NULL) count as not
 robust, so each attack's column is the accuracy after it and every earlier attack. The worst
 case is the per-sample minimum over all attacks — never an average of per-attack accuracies.
+Beside it, the white-box worst case (attacks on the final logits only, what defense papers
+report) shows how much adaptive, black-box and transfer attacks added; every broken sample was
+broken by exactly one attack (later attacks skip it), whose count the report shows.
+
+The sanity checks' verdicts (advdef.evaluation.checks) are read back here: a failed check makes
+the evaluation unreliable, whatever its numbers.
 
 Warnings about the evaluation as a whole (a stochastic defense that no EOT attack evaluated) are
 derived here from what the evaluation recorded, so adding an EOT attack later clears them.
@@ -11,6 +17,7 @@ derived here from what the evaluation recorded, so adding an EOT attack later cl
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 from advdef.evaluation.engine import CLEAN
@@ -19,7 +26,8 @@ from fractions import Fraction
 
 from advdef.attacks.pgd import EIGHT_255
 from advdef.registry import ATTACKS
-from advdef.specs import Spec, parse_spec
+from advdef.errors import UserError
+from advdef.specs import Spec, format_value, parse_spec, parse_value
 from advdef.store import Store
 
 
@@ -33,6 +41,8 @@ class AttackResult:
     complete: bool
     warnings: list[str] = field(default_factory=list)
     eot: int = 1  # gradient samples per step (Expectation over Transformation)
+    family: str = "white-box"  # Attack.family
+    broke: int = 0  # samples this attack broke (each broken sample has exactly one breaker)
 
 
 @dataclass
@@ -45,10 +55,25 @@ class EvalSummary:
     worst: Proportion
     seconds: float
     warnings: list[str] = field(default_factory=list)  # about the evaluation as a whole
+    # Worst case over the white-box attacks only; None when another family ran before one of
+    # them (the white-box attack then skipped samples it might have broken).
+    worst_whitebox: Proportion | None = None
+    checks: list[dict] = field(default_factory=list)  # stored sanity-check verdicts
 
     @property
     def complete(self) -> bool:
         return all(a.complete for a in self.attacks)
+
+    @property
+    def failed_checks(self) -> list[dict]:
+        return [c for c in self.checks if c["verdict"] == "fail"]
+
+    @property
+    def reliable(self) -> bool | None:
+        """False when any sanity check failed; None when no check ran."""
+        if not self.checks:
+            return None
+        return not self.failed_checks
 
     @property
     def stochastic(self) -> bool:
@@ -73,13 +98,38 @@ def short_label(spec: str, eps: Fraction = EIGHT_255) -> str:
     """The shortest spec naming the same attack: `pgd20` for the canonical PGD-20, `aa` for standard AA."""
     parsed = parse_spec(spec)
     plugin, _ = ATTACKS.resolve(parsed.name)
-    defaults = parse_spec(ATTACKS.create(parsed.name, eps=eps).spec()).params
+    try:
+        defaults = parse_spec(ATTACKS.create(parsed.name, eps=eps).spec()).params
+    except (TypeError, ValueError, UserError):  # required parameters (transfer, adaptive): the signature's defaults
+        defaults = {name: parse_value(format_value(p.default)) for name, p in inspect.signature(plugin.factory).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
     changed = {k: v for k, v in parsed.params.items() if defaults.get(k, object()) != v}
     if plugin.shorthand:
         rest = {k: v for k, v in changed.items() if k != plugin.shorthand}
         steps = parsed.params.get(plugin.shorthand, defaults.get(plugin.shorthand))
         return str(Spec(f"{plugin.name}{steps}", rest))
     return str(Spec(plugin.name, changed))
+
+
+def attack_family(spec: str) -> str:
+    """The family (Attack.family) of an attack spec; unknown plugins count as white-box."""
+    try:
+        plugin, _ = ATTACKS.parse(spec)
+    except Exception:  # a plugin uninstalled since the evaluation: its rows still count
+        return "white-box"
+    return getattr(plugin.factory, "family", "white-box")
+
+
+def whitebox_worst(clean_ok: set[int], attacks: list[AttackResult], broken_by: dict[str, set[int]], n: int) -> Proportion | None:
+    """Worst case over the white-box attacks, if they all ran before any other family."""
+    families = [a.family for a in attacks]
+    if "white-box" not in families:
+        return None
+    last_whitebox = max(i for i, f in enumerate(families) if f == "white-box")
+    if any(f != "white-box" for f in families[:last_whitebox]):
+        return None
+    broken = set().union(*(broken_by[a.spec] for a in attacks if a.family == "white-box"))
+    return Proportion(len(clean_ok - broken), n)
 
 
 def summarize(store: Store, eval_id: int) -> EvalSummary:
@@ -93,6 +143,7 @@ def summarize(store: Store, eval_id: int) -> EvalSummary:
     clean_rows = by_attack.get(CLEAN, [])
     clean_ok = {r["sample_id"] for r in clean_rows if r["robust"] == 1}
     broken: set[int] = set()
+    broken_by: dict[str, set[int]] = {}
     results: list[AttackResult] = []
     seconds = 0.0
     for attack in store.eval_attacks(eval_id):
@@ -101,7 +152,8 @@ def summarize(store: Store, eval_id: int) -> EvalSummary:
             continue
         rows = by_attack.get(attack["attack"], [])
         survived = {r["sample_id"] for r in rows if r["robust"] == 1}
-        broken |= {r["sample_id"] for r in rows if r["robust"] == 0}
+        broken_by[attack["attack"]] = {r["sample_id"] for r in rows if r["robust"] == 0} & clean_ok
+        broken |= broken_by[attack["attack"]]
         results.append(
             AttackResult(
                 spec=attack["attack"],
@@ -112,6 +164,8 @@ def summarize(store: Store, eval_id: int) -> EvalSummary:
                 complete=attack["status"] == "done" and len(rows) == n,
                 warnings=attack["details"].get("warnings", []),
                 eot=attack["details"].get("eot", 1),
+                family=attack_family(attack["attack"]),
+                broke=len(broken_by[attack["attack"]]),
             )
         )
     return EvalSummary(
@@ -123,4 +177,6 @@ def summarize(store: Store, eval_id: int) -> EvalSummary:
         worst=Proportion(len(clean_ok - broken), n),
         seconds=seconds,
         warnings=evaluation_warnings(evaluation["protocol"], results),
+        worst_whitebox=whitebox_worst(clean_ok, results, broken_by, n),
+        checks=store.checks(eval_id),
     )

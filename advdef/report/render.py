@@ -8,7 +8,8 @@ import json
 from advdef.evaluation.stats import Proportion
 from advdef.report.tables import IDENTITY_COLUMNS, ComparisonTable
 
-HEADERS = {"worst": "worst case", "clean": "clean"}
+HEADERS = {"worst": "worst case", "worst_whitebox": "white-box worst", "clean": "clean"}
+RELIABILITY = {True: "pass", False: "FAIL", None: "—"}
 
 
 def format_cell(cell: Proportion | None, digits: int = 1) -> str:
@@ -22,17 +23,22 @@ def format_cell(cell: Proportion | None, digits: int = 1) -> str:
 def _text_rows(
     table: ComparisonTable, identity: list[str] = IDENTITY_COLUMNS, digits: int = 1
 ) -> tuple[list[str], list[list[str]]]:
-    headers = identity + [HEADERS.get(m, m) for m in table.metrics] + ["time (s)"]
+    headers = identity + [HEADERS.get(m, m) for m in table.metrics] + ["checks", "time (s)"]
     rows = []
     for row in table.rows:
         cells = [str(row[c]) for c in identity]
         cells += [format_cell(row.get(m), digits) for m in table.metrics]
+        cells.append(RELIABILITY[row.get("reliable")])
         cells.append(f"{row['seconds']:.0f}" + ("" if row["complete"] else " (incomplete)"))
         rows.append(cells)
     return headers, rows
 
 
-LEGEND = "Robust accuracy in % with 95% Wilson intervals; each attack column counts points broken by earlier attacks as broken; worst case = per-sample minimum over all attacks."
+LEGEND = (
+    "Robust accuracy in % with 95% Wilson intervals; each attack column counts points broken by earlier attacks "
+    "as broken; white-box worst = per-sample minimum over the attacks on the final logits; worst case = over all "
+    "attacks (adaptive, black-box and transfer included); checks = gradient-masking sanity checks (FAIL: unreliable)."
+)
 
 
 def to_markdown(tables: list[ComparisonTable]) -> str:

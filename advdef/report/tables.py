@@ -50,8 +50,21 @@ class ComparisonTable:
                     record.update({metric: cell.value, f"{metric}_low": low, f"{metric}_high": high, f"{metric}_k": cell.k})
             record["seconds"] = row["seconds"]
             record["complete"] = row["complete"]
+            record["reliable"] = row["reliable"]
+            record["failed_checks"] = "; ".join(row["failed_checks"])
             records.append(record)
         return pd.DataFrame.from_records(records)
+
+
+def _failed(check: dict) -> str:
+    """`name (figure > threshold): reason` for a failed sanity check."""
+    detail = check["detail"] if isinstance(check["detail"], dict) else {}
+    measured = ""
+    if check["figure"] is not None:
+        limit = f" > {check['threshold']:.3g}" if check["threshold"] is not None else ""
+        measured = f" ({check['figure']:.3g}{limit})"
+    reason = detail.get("reason", "")
+    return f"{check['name']}{measured}" + (f": {reason}" if reason else "")
 
 
 def _row(summary: EvalSummary) -> dict:
@@ -64,6 +77,10 @@ def _row(summary: EvalSummary) -> dict:
         "at": run["at_method"],
         "clean": summary.clean,
         "worst": summary.worst,
+        "worst_whitebox": summary.worst_whitebox,
+        "reliable": summary.reliable,
+        "failed_checks": [_failed(check) for check in summary.failed_checks],
+        "breakers": {a.label: a.broke for a in summary.attacks if a.broke},
         "seconds": summary.seconds,
         "complete": summary.complete,
         # Each attack's own warnings (AutoAttack's checks), then the evaluation's (stochastic without EOT).
@@ -91,8 +108,14 @@ def comparison_tables(store: Store, run_ids: list[str] | None = None) -> list[Co
                 table.metrics.append(attack.label)
         table.rows.append(_row(summary))
     for table in tables.values():
-        table.metrics = [m for m in table.metrics if m != "worst"] + ["worst"]
+        whitebox = ["worst_whitebox"] if any(row["worst_whitebox"] is not None for row in table.rows) else []
+        table.metrics = [m for m in table.metrics if m != "worst"] + whitebox + ["worst"]
         for row in table.rows:
+            if row["reliable"] is False:
+                table.notes.append(f"{row['run']}: UNRELIABLE — failed sanity checks: " + "; ".join(row["failed_checks"]))
+            if row["breakers"]:
+                broken = ", ".join(f"{label} {count}" for label, count in row["breakers"].items())
+                table.notes.append(f"{row['run']}: samples broken first by: {broken}")
             if not row["complete"]:
                 table.notes.append(f"{row['run']}: evaluation incomplete (resume with advdef evaluate)")
             if row["stochastic"]:

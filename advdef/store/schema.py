@@ -68,4 +68,19 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "0002_checks",
+        """
+        CREATE TABLE checks (
+            eval_id INTEGER NOT NULL REFERENCES evaluations(eval_id),
+            name TEXT NOT NULL,               -- sanity check, e.g. 'zero_gradients' (advdef.evaluation.checks)
+            verdict TEXT NOT NULL CHECK (verdict IN ('pass', 'fail', 'skipped')),
+            figure REAL,                      -- the measured value (a fraction unless detail says otherwise)
+            threshold REAL,                   -- the limit the figure was compared with
+            detail TEXT NOT NULL,             -- JSON: counts, bounds, reason for a skip or failure
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (eval_id, name)
+        );
+        """,
+    ),
 ]

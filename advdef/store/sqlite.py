@@ -1,4 +1,4 @@
-"""SQLite store for runs, checkpoints, evaluations and per-sample outcomes.
+"""SQLite store for runs, checkpoints, evaluations, per-sample outcomes and sanity checks.
 
 WAL mode and short IMMEDIATE transactions make it safe for several processes to write (a
 training run and an evaluation side by side); each batch of outcomes is one transaction, so a
@@ -9,6 +9,7 @@ All SQL takes parameters; nothing user-given is formatted into a statement.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -21,7 +22,9 @@ from advdef.errors import UserError, suggest
 from advdef.store.schema import MIGRATIONS
 
 DEFAULT_STORE = "advdef.sqlite"
-_JSON_COLUMNS = {"config", "versions", "metrics", "protocol", "details", "sample_ids"}
+_JSON_COLUMNS = {"config", "versions", "metrics", "protocol", "details", "sample_ids", "detail"}
+VERDICTS = ("pass", "fail", "skipped")
+_TABLES = ("runs", "checkpoints", "evaluations", "eval_attacks", "outcomes", "checks")
 _RUN_FIELDS = {"status", "epochs_done", "best_epoch", "train_seconds", "config"}
 
 
@@ -221,8 +224,36 @@ class Store:
             "SELECT * FROM outcomes WHERE eval_id = ? AND attack = ? ORDER BY sample_id", (eval_id, attack)
         )
 
+    # -- sanity checks -----------------------------------------------------------------
+    def record_check(
+        self, eval_id: int, name: str, verdict: str, figure: float | None, threshold: float | None, detail: dict
+    ) -> None:
+        """Store one sanity check's verdict for an evaluation, replacing an earlier one of the same name."""
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}, got {verdict!r}")
+        with self.atomic():
+            self.conn.execute(
+                "INSERT INTO checks (eval_id, name, verdict, figure, threshold, detail, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (eval_id, name) DO UPDATE SET verdict = excluded.verdict, figure = excluded.figure,"
+                " threshold = excluded.threshold, detail = excluded.detail, created_at = excluded.created_at",
+                (eval_id, name, verdict, _real(figure), _real(threshold), json.dumps(detail, sort_keys=True), now()),
+            )
+
+    def checks(self, eval_id: int) -> list[dict[str, Any]]:
+        """An evaluation's sanity checks, in the order they were first recorded."""
+        return self._rows("SELECT * FROM checks WHERE eval_id = ? ORDER BY rowid", (eval_id,))
+
     def table(self, name: str) -> list[dict[str, Any]]:
         """All rows of one table (for CSV/JSON export)."""
-        if name not in {"runs", "checkpoints", "evaluations", "eval_attacks", "outcomes"}:
-            raise UserError(f"unknown table '{name}'; valid: runs, checkpoints, evaluations, eval_attacks, outcomes")
+        if name not in _TABLES:
+            raise UserError(f"unknown table '{name}'; valid: {', '.join(_TABLES)}")
         return [dict(r) for r in self.conn.execute(f"SELECT * FROM {name}")]  # name checked above
+
+
+def _real(value: float | None) -> float | None:
+    """A float for a REAL column; None (NULL) for a missing or non-finite value."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
