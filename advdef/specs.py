@@ -175,7 +175,7 @@ def _starts_attack_spec(chunk: str) -> bool:
     from advdef.evaluation.suites import is_keyword
 
     name = chunk.split(":", 1)[0].strip()
-    return bool(_NAME.match(name)) and (ATTACKS.knows(name) or (":" not in chunk and is_keyword(name)))
+    return is_keyword(chunk.strip()) or (bool(_NAME.match(name)) and ATTACKS.knows(name))
 
 
 def resolve_params(factory: Any, spec: Spec, what: str) -> dict[str, Any]:

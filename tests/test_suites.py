@@ -136,3 +136,21 @@ def test_suite_keywords_are_refused_where_they_cannot_be_expanded():
     assert config.canonical_attacks() == [ATTACKS.create("pgd20", eps=EPS).spec()]
     with pytest.raises(UserError, match="--eot"):
         EvalConfig(attacks=["pgd20"], eot=0).canonical_attacks()
+
+
+def test_eot_modifier_sets_the_samples_of_every_attack_that_takes_them():
+    ctx = context()
+    assert expand(["pgd20", "square", "eot:30"], ctx) == ["pgd20:eot=30", "square"] and ctx.eot == 30
+    assert EvalConfig(attacks=["pgd20", "eot:30"]).canonical_attacks() == [ATTACKS.create("pgd20", eps=EPS).spec()]
+
+
+def test_paper_suite_is_the_defense_papers_attacks_and_is_labelled(eval_store):
+    ctx = context("ewas")
+    assert expand(["paper"], ctx) == list(DEFENSES.create("ewas").paper_attacks)
+    assert set(ctx.origins.values()) == {"paper"}
+    assert expand(["paper"], context()) == ["fgsm", "cw", "pgd20"]  # no paper: advdef's fgsm, cw, pgd20
+    store, runs = eval_store
+    config = EvalConfig(attacks=["paper"], n=20, device="cpu", checks=False)
+    evaluate_run(store, runs["pgd_at"], config)
+    (table,) = comparison_tables(store, [runs["pgd_at"]])
+    assert any("the paper's own protocol (--suite paper): fgsm, cw, pgd20" in note for note in table.notes)

@@ -79,6 +79,8 @@ class EvalConfig:
             if "eps" in ATTACKS.parse(text)[1].params:
                 raise UserError(f"attack '{text}' sets eps; set the threat model with --eps for all attacks")
             specs.append(ATTACKS.create(text, eps=Fraction(self.eps)).spec())
+            if context is not None and text in context.origins:
+                context.origins[specs[-1]] = context.origins[text]
         if len(set(specs)) != len(specs):
             raise UserError("the same attack is listed twice")
         return specs
@@ -180,7 +182,7 @@ def evaluate_run(store: Store, run_id: str, config: EvalConfig, reporter: Report
         target.view = view
         run_clean(store, eval_id, target, config, reporter)
         for spec in attacks:
-            run_attack(store, eval_id, target, spec, config, reporter)
+            run_attack(store, eval_id, target, spec, config, reporter, suite=context.origins.get(spec))
         if config.checks:
             from advdef.evaluation.checks import run_checks
 
@@ -234,11 +236,16 @@ def eligible_positions(store: Store, eval_id: int, target: EvaluationTarget, spe
 
 
 def run_attack(
-    store: Store, eval_id: int, target: EvaluationTarget, spec: str, config: EvalConfig, reporter: Reporter
+    store: Store, eval_id: int, target: EvaluationTarget, spec: str, config: EvalConfig, reporter: Reporter,
+    suite: str | None = None,
 ) -> None:
+    """Run one attack on the samples still robust; `suite` names the suite it came from (e.g.
+    "paper": the report labels the paper's own protocol as such)."""
     attack = ATTACKS.create(spec, eps=Fraction(config.eps))
     # Gradient samples per step (Expectation over Transformation); 1 for attacks without EOT.
     details = {"implementation": attack.implementation, "eps": target.protocol["eps"], "eot": getattr(attack, "eot", 1)}
+    if suite is not None:
+        details["suite"] = suite
     store.start_attack(eval_id, spec, details)
     if any(a["attack"] == spec and a["status"] == "done" for a in store.eval_attacks(eval_id)):
         return

@@ -10,10 +10,13 @@ and AutoAttack's `rand` version, and a transfer attack needs a surrogate run in 
     transfer   transfer:from=<surrogate run>         (an undefended run of the same data and arch)
     paper      the defense paper's own attacks, labelled as such (Defense.paper_attacks)
     full       standard + adaptive + blackbox + transfer: the default of `advdef evaluate`
+
+`eot:N` among the items sets the EOT samples of every attack that takes them (as `--eot N`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,6 +27,8 @@ STANDARD = ("fgsm", "cw", "pgd20", "aa")
 BLACKBOX = ("square", "noise")
 # Gradient-based attacks that accept `eot` (gradient samples per step) for stochastic defenses.
 EOT_SAMPLES_STOCHASTIC = 20
+# `--attacks pgd20,cw,eot:30`: every attack that takes `eot` uses 30 samples (like --eot 30).
+EOT_MODIFIER = re.compile(r"eot:([1-9][0-9]*)")
 
 
 @dataclass
@@ -33,8 +38,9 @@ class SuiteContext:
     defense: object
     run: dict
     store: object = None
-    eot: int | None = None  # evaluate --eot; None = 20 for a stochastic defense, else 1
+    eot: int | None = None  # evaluate --eot (or an `eot:N` item); None = 20 for a stochastic defense, else 1
     notes: list[str] = field(default_factory=list)  # why something was left out, for the protocol card
+    origins: dict[str, str] = field(default_factory=dict)  # expanded spec -> the suite it came from
 
     @property
     def stochastic(self) -> bool:
@@ -70,7 +76,7 @@ def _transfer(context: SuiteContext) -> list[str]:
 
 
 def _paper(context: SuiteContext) -> list[str]:
-    return list(getattr(context.defense, "paper_attacks", ()) or STANDARD[:3])
+    return list(getattr(context.defense, "paper_attacks", ()) or ("fgsm", "cw", "pgd20"))
 
 
 def _full(context: SuiteContext) -> list[str]:
@@ -107,13 +113,28 @@ def expand(items: list[str], context: SuiteContext) -> list[str]:
     stochastic defense, gradient attacks that take `eot` and do not set it get `eot` samples
     per step, and `aa` without a version becomes `aa:version=rand` (AutoAttack's EOT version).
     """
+    for item in items:  # `eot:N` modifies the whole list, wherever it stands
+        match = EOT_MODIFIER.fullmatch(item.strip())
+        if match:
+            context.eot = int(match.group(1))
     expanded: list[str] = []
     for item in items:
+        if EOT_MODIFIER.fullmatch(item.strip()):
+            continue
         for spec in SUITES[item](context) if item in SUITES else [item]:
             if spec not in expanded:
                 expanded.append(spec)
+                if item in SUITES:
+                    context.origins[spec] = item
     eot = context.eot if context.eot is not None else (EOT_SAMPLES_STOCHASTIC if context.stochastic else 1)
-    return [_with_eot(spec, eot) for spec in expanded] if eot > 1 or context.stochastic else expanded
+    if not (eot > 1 or context.stochastic):
+        return expanded
+    adapted = []
+    for spec in expanded:
+        adapted.append(_with_eot(spec, eot))
+        if spec in context.origins:
+            context.origins[adapted[-1]] = context.origins[spec]
+    return adapted
 
 
 def _with_eot(spec: str, eot: int) -> str:
@@ -132,7 +153,8 @@ def _add_param(spec: str, key: str, value: str) -> str:
 
 
 def is_keyword(item: str) -> bool:
-    return item in SUITES
+    """A suite name or the `eot:N` modifier: items of `--attacks` that are not attack specs."""
+    return item in SUITES or EOT_MODIFIER.fullmatch(item.strip()) is not None
 
 
 __all__ = ["SUITES", "SuiteContext", "default_transfer_source", "expand", "is_keyword"]

@@ -43,6 +43,7 @@ class AttackResult:
     eot: int = 1  # gradient samples per step (Expectation over Transformation)
     family: str = "white-box"  # Attack.family
     broke: int = 0  # samples this attack broke (each broken sample has exactly one breaker)
+    suite: str | None = None  # the suite keyword it was expanded from, if any
 
 
 @dataclass
@@ -166,6 +167,7 @@ def summarize(store: Store, eval_id: int) -> EvalSummary:
                 eot=attack["details"].get("eot", 1),
                 family=attack_family(attack["attack"]),
                 broke=len(broken_by[attack["attack"]]),
+                suite=attack["details"].get("suite"),
             )
         )
     return EvalSummary(

@@ -81,6 +81,7 @@ def _row(summary: EvalSummary) -> dict:
         "reliable": summary.reliable,
         "failed_checks": [_failed(check) for check in summary.failed_checks],
         "breakers": {a.label: a.broke for a in summary.attacks if a.broke},
+        "paper_attacks": [a.label for a in summary.attacks if a.suite == "paper"],
         "seconds": summary.seconds,
         "complete": summary.complete,
         # Each attack's own warnings (AutoAttack's checks), then the evaluation's (stochastic without EOT).
@@ -113,6 +114,8 @@ def comparison_tables(store: Store, run_ids: list[str] | None = None) -> list[Co
         for row in table.rows:
             if row["reliable"] is False:
                 table.notes.append(f"{row['run']}: UNRELIABLE — failed sanity checks: " + "; ".join(row["failed_checks"]))
+            if row["paper_attacks"]:
+                table.notes.append(f"{row['run']}: the paper's own protocol (--suite paper): " + ", ".join(row["paper_attacks"]))
             if row["breakers"]:
                 broken = ", ".join(f"{label} {count}" for label, count in row["breakers"].items())
                 table.notes.append(f"{row['run']}: samples broken first by: {broken}")
