@@ -14,7 +14,7 @@ from fractions import Fraction
 
 import torch
 
-from advdef.attacks.base import Attack
+from advdef.attacks.base import Attack, InstanceCanonical
 from advdef.attacks.official import official_version, run_official
 from advdef.attacks.pgd import EIGHT_255
 from advdef.registry import ATTACKS
@@ -27,7 +27,7 @@ TARGET_CLASSES = 9  # AutoAttack standard: the classes ranked 2nd..10th by the c
 # The two checks below are shared by the attack plugins (mim, square, noise import them); they
 # would sit best in advdef/validation.py next to `number`.
 @ATTACKS.register("apgd")
-class APGD(Attack):
+class APGD(InstanceCanonical, Attack):
     """APGD (Croce & Hein 2020), official pyautoattack code: 100 steps, 1 restart, rho 0.75, loss ce|dlr; `targeted=true` = APGD-T (targeted DLR, 9 target classes as in AA standard)."""
 
     name = "apgd"
@@ -56,15 +56,10 @@ class APGD(Attack):
     @property
     def params(self):
         params = super().params
-        params.pop("warnings")
         if self.targeted:  # APGD-T always uses the targeted DLR loss; `loss` does not apply
             params.pop("loss")
         return params
 
-    @classmethod
-    def canonical_params(cls, params: dict) -> dict:
-        """The registry's canonical form is exactly what an instance stores, plus eps."""
-        return {**cls(**params).params, "eps": params["eps"]}
 
     @property
     def implementation(self) -> str:

@@ -92,7 +92,6 @@ class AutoAttack(Attack):
     @property
     def params(self):
         params = super().params
-        params.pop("warnings")
         if params["attacks"] is None:
             params.pop("attacks")
         return params

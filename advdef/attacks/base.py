@@ -111,8 +111,9 @@ class Attack:
 
     @property
     def params(self) -> dict[str, Any]:
-        """Public parameters except eps (the evaluation's threat model stores eps itself)."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "eps"}
+        """Public parameters except eps (the evaluation's threat model stores eps itself) and the
+        warnings an attack collects while it runs (outputs, not parameters)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in ("eps", "warnings")}
 
     @property
     def implementation(self) -> str:
@@ -154,3 +155,13 @@ def check_budget(x: torch.Tensor, x_adv: torch.Tensor, eps: float, tolerance: fl
         raise RuntimeError(f"attack left the eps-ball: |x_adv - x|_inf = {distance:.6g} > eps = {eps:.6g}")
     if len(x) and (x_adv.min() < -tolerance or x_adv.max() > 1 + tolerance):
         raise RuntimeError("attack left the [0,1] input range")
+
+
+class InstanceCanonical:
+    """Mixin for attacks whose stored spec drops or resolves parameters (defaults that do not
+    apply, alphas derived from eps): the registry's canonical form is then what an instance
+    stores, plus eps, so `ATTACKS.canonical(text)` and the stored spec agree."""
+
+    @classmethod
+    def canonical_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        return {**cls(**params).params, "eps": params["eps"]}

@@ -14,12 +14,11 @@ from fractions import Fraction
 
 import torch
 
-from advdef.validation import flag, whole
-from advdef.attacks.base import Attack
+from advdef.attacks.base import Attack, InstanceCanonical
 from advdef.attacks.losses import cross_entropy, margin
 from advdef.attacks.pgd import EIGHT_255, Forward, _record, project
 from advdef.registry import ATTACKS
-from advdef.validation import number
+from advdef.validation import flag, number, whole
 
 LOSSES = ("ce", "margin")
 
@@ -75,7 +74,7 @@ def mim_attack(
 
 
 @ATTACKS.register("mim")
-class MIM(Attack):
+class MIM(InstanceCanonical, Attack):
     """MI-FGSM (Dong et al. 2018), l-inf: momentum mu 1.0 on L1-normalised gradients, 10 steps of eps/10, no random start (as the paper), loss ce|margin, best iterate kept."""
 
     name = "mim"
@@ -105,10 +104,6 @@ class MIM(Attack):
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         self.loss = loss
 
-    @classmethod
-    def canonical_params(cls, params: dict) -> dict:
-        """The registry's canonical form is exactly what an instance stores, plus eps."""
-        return {**cls(**params).params, "eps": params["eps"]}
 
     def perturb(self, view, x, y, generator):
         return mim_attack(view, x, y, eps=float(self.eps), alpha=float(self.alpha), steps=self.steps, mu=self.mu,

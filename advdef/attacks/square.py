@@ -11,16 +11,15 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-from advdef.validation import whole
-from advdef.attacks.base import Attack
+from advdef.attacks.base import Attack, InstanceCanonical
 from advdef.attacks.official import official_version, run_official
 from advdef.attacks.pgd import EIGHT_255
 from advdef.registry import ATTACKS
-from advdef.validation import number
+from advdef.validation import number, whole
 
 
 @ATTACKS.register("square")
-class Square(Attack):
+class Square(InstanceCanonical, Attack):
     """Square Attack (Andriushchenko et al. 2020), official pyautoattack code: gradient-free random search on the margin, 5000 queries, p_init 0.8, 1 restart (AA standard)."""
 
     name = "square"
@@ -40,16 +39,7 @@ class Square(Attack):
         self.restarts = whole("restarts", restarts)
         self.warnings: list[str] = []
 
-    @property
-    def params(self):
-        params = super().params
-        params.pop("warnings")
-        return params
 
-    @classmethod
-    def canonical_params(cls, params: dict) -> dict:
-        """The registry's canonical form is exactly what an instance stores, plus eps."""
-        return {**cls(**params).params, "eps": params["eps"]}
 
     @property
     def implementation(self) -> str:
