@@ -137,3 +137,55 @@ def test_model_is_evaluated_in_eval_mode_without_labels(eval_store, monkeypatch)
     # Without the sanity checks: their label-independence check plants labels in the context on purpose.
     evaluate_run(store, runs["standard"], EvalConfig(attacks=["fgsm"], n=20, device="cpu", checks=False))
     assert seen and all(training is False and labels is None for training, labels in seen)
+
+
+def test_sigkilled_evaluate_resumes_to_exactly_the_uninterrupted_outcomes(trained_store, tmp_path):
+    """`advdef evaluate` killed with SIGKILL mid-attack, then rerun, stores what one uninterrupted run stores."""
+    import shutil
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    path, runs = trained_store
+    with Store(path) as source:
+        source.conn.execute("PRAGMA wal_checkpoint(FULL)")
+    stores = {name: tmp_path / f"{name}.sqlite" for name in ("reference", "killed")}
+    for target in stores.values():
+        shutil.copy(path, target)
+
+    def command(store_path):
+        return [sys.executable, "-m", "advdef", "evaluate", "--run", runs["standard"], "--attacks",
+                "fgsm,pgd:steps=40", "--n", "300", "--batch-size", "8", "--no-checks", "--device", "cpu",
+                "--store", str(store_path)]
+
+    def pgd_rows(store_path) -> int:
+        with sqlite3.connect(store_path) as conn:
+            return conn.execute("SELECT COUNT(*) FROM outcomes WHERE attack LIKE 'pgd%'").fetchone()[0]
+
+    process = subprocess.Popen(command(stores["killed"]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            if pgd_rows(stores["killed"]) >= 8:  # some PGD batches stored, more in flight
+                break
+        except sqlite3.OperationalError:
+            pass
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the evaluation finished before it could be killed"
+    partial = pgd_rows(stores["killed"])
+    assert 0 < partial < 300
+
+    for store_path in (stores["killed"], stores["reference"]):
+        finished = subprocess.run(command(store_path), capture_output=True, text=True, timeout=600)
+        assert finished.returncode == 0, finished.stderr
+
+    def outcomes(store_path):
+        with Store(store_path) as opened:
+            (evaluation,) = opened.evaluations(runs["standard"])
+            return [(r["attack"], r["sample_id"], r["robust"], r["prediction"]) for r in opened.outcomes(evaluation["eval_id"])]
+
+    assert outcomes(stores["killed"]) == outcomes(stores["reference"])
