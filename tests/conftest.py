@@ -18,6 +18,17 @@ SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar1
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+# CPU-size variants of each architecture (same topology, fewer channels), for table-driven tests.
+TINY = {
+    "smallcnn": "smallcnn:width=4",
+    "resnet18": "resnet18:width=4",
+    "preact_resnet18": "preact_resnet18:width=4",
+    "wrn34_10": "wrn34_10:widen_factor=1,width=4",
+    "wrn28_10": "wrn28_10:widen_factor=1,width=4",
+    "vgg16_bn": "vgg16_bn:width=4",
+}
+
+
 def quick_config(**overrides) -> TrainConfig:
     """A SmallCNN config that trains in seconds on CPU."""
     base = dict(data="digits", arch="smallcnn:width=16", defense="none", at="standard", epochs=4,

@@ -16,17 +16,10 @@ from advdef.registry import DATASETS, DEFENSES, MODELS
 from advdef.store import Store
 from advdef.training.config import TrainConfig
 from advdef.training.trainer import start_run
+from conftest import TINY
 
 DIGITS = DATASETS.create("digits").info
 CIFAR = DATASETS.create("cifar10").info
-TINY = {  # as in tests/test_defense_matrix.py
-    "smallcnn": "smallcnn:width=4",
-    "resnet18": "resnet18:width=4",
-    "preact_resnet18": "preact_resnet18:width=4",
-    "wrn34_10": "wrn34_10:widen_factor=1,width=4",
-    "wrn28_10": "wrn28_10:widen_factor=1,width=4",
-    "vgg16_bn": "vgg16_bn:width=4",
-}
 NONLOCAL_OPS = [op for op, spec in OPS.items() if spec[0] == "nonlocal"]
 
 

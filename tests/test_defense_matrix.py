@@ -12,16 +12,8 @@ from advdef.registry import DATASETS, DEFENSES, MODELS
 from advdef.store import Store
 from advdef.training.config import TrainConfig
 from advdef.training.trainer import start_run
+from conftest import TINY
 
-# CPU-size variants of each architecture (same topology, fewer channels).
-TINY = {
-    "smallcnn": "smallcnn:width=4",
-    "resnet18": "resnet18:width=4",
-    "preact_resnet18": "preact_resnet18:width=4",
-    "wrn34_10": "wrn34_10:widen_factor=1,width=4",
-    "wrn28_10": "wrn28_10:widen_factor=1,width=4",
-    "vgg16_bn": "vgg16_bn:width=4",
-}
 DIGITS = DATASETS.create("digits").info
 
 

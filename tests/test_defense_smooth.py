@@ -19,17 +19,9 @@ from advdef.registry import DATASETS, DEFENSES
 from advdef.store import Store
 from advdef.training.config import TrainConfig
 from advdef.training.trainer import start_run
+from conftest import TINY
 
 DIGITS = DATASETS.create("digits").info
-# Same CPU-size variants as tests/test_defense_matrix.py.
-TINY = {
-    "smallcnn": "smallcnn:width=4",
-    "resnet18": "resnet18:width=4",
-    "preact_resnet18": "preact_resnet18:width=4",
-    "wrn34_10": "wrn34_10:widen_factor=1,width=4",
-    "wrn28_10": "wrn28_10:widen_factor=1,width=4",
-    "vgg16_bn": "vgg16_bn:width=4",
-}
 # A float64 grid with negatives, exact 0 and positives large enough for softplus's linear branch.
 GRID = torch.arange(-160, 161, dtype=torch.float64) / 20
 SQRT2 = math.sqrt(2.0)
