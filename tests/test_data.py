@@ -90,3 +90,18 @@ def test_imagefolder_reads_shared_cifar10():
     assert dataset.info.input_shape == (3, 32, 32) and dataset.info.num_classes == 10
     test = dataset.load("test", limit=20, seed=0)
     assert torch.bincount(test.labels).tolist() == [2] * 10
+
+
+@pytest.mark.skipif(not SHARED_CIFAR.is_dir(), reason="shared CIFAR-10 JPEGs not present")
+def test_cifar10_reads_an_image_folder_export_with_cifar_labels():
+    dataset = DATASETS.create("cifar10", data_dir=str(SHARED_CIFAR))
+    test = dataset.load("test", limit=20, seed=0)
+    assert dataset.info.name == "cifar10" and test.images.shape == (20, 3, 32, 32)
+    assert torch.bincount(test.labels).tolist() == [2] * 10
+    reference = DATASETS.create(f"imagefolder:{SHARED_CIFAR}").load("test", limit=20, seed=0)
+    assert torch.equal(test.images, reference.images) and torch.equal(test.labels, reference.labels)
+
+
+def test_cifar10_without_data_names_both_ways_to_get_it(tmp_path):
+    with pytest.raises(UserError, match="--data-dir DIR holding it, or --download"):
+        DATASETS.create("cifar10", data_dir=str(tmp_path)).load("test")

@@ -74,6 +74,20 @@ class Cifar10(_TorchvisionSet):
 
         return CIFAR10(str(self.root), train=train, download=self.download)
 
+    def load(self, split: str, *, limit: int | None = None, seed: int = 0) -> Split:
+        """torchvision's CIFAR-10 batches, or an ImageFolder export of them under --data-dir
+        (train/ and test/ with one folder per CIFAR-10 class, e.g. PNG or JPEG files): the
+        labels follow the class names, which sort into CIFAR-10's own order. A lossy (JPEG)
+        export differs from the original pixels slightly; the files read are the user's choice."""
+        if _holds_class_folders(self.root, self.info.class_names):
+            return ImageFolderData(path=str(self.root)).load(split, limit=limit, seed=seed)
+        return super().load(split, limit=limit, seed=seed)
+
+
+def _holds_class_folders(root: Path, classes: tuple[str, ...]) -> bool:
+    return all(sorted(p.name for p in (root / split).iterdir() if p.is_dir()) == sorted(classes)
+               for split in ("train", "test") if (root / split).is_dir()) and (root / "test").is_dir()
+
 
 @DATASETS.register("cifar100")
 class Cifar100(_TorchvisionSet):
