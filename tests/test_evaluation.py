@@ -83,12 +83,12 @@ def test_interrupted_evaluation_resumes_to_the_same_outcomes(eval_store, monkeyp
     calls = {"n": 0}
     original = Store.record_outcomes
 
-    def flaky(self, eval_id, attack, rows, seconds):
+    def flaky(self, eval_id, attack, rows, seconds, **costs):
         if attack.startswith("pgd"):
             calls["n"] += 1
             if calls["n"] == 3:
                 raise KeyboardInterrupt
-        return original(self, eval_id, attack, rows, seconds)
+        return original(self, eval_id, attack, rows, seconds, **costs)
 
     fresh = Store(memory=True)
     fresh.insert_run(store.get_run(runs["standard"]))

@@ -11,7 +11,10 @@ Rules that keep numbers honest:
   one transaction, so a killed evaluation resumes where it stopped with the same results; the
   global RNG, which stochastic defenses draw from, is seeded per batch too;
 - the protocol records whether the defense is stochastic and each attack its EOT sample count,
-  so the summary can flag a stochastic defense that no EOT attack evaluated.
+  so the summary can flag a stochastic defense that no EOT attack evaluated;
+- each batch's cost is stored with its outcomes: wall time and forward/backward sample-passes
+  through the model (advdef.evaluation.cost), the re-scoring forward included; skipped samples
+  cost nothing, and the sanity checks are not counted.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from advdef.attacks.pgd import EIGHT_255
 from advdef.data.base import Split, limit_split
 from advdef.device import prepare, select_device
 from advdef.errors import UserError
+from advdef.evaluation.cost import PassCounter
 from advdef.evaluation.suites import SuiteContext, expand, is_keyword
 from advdef.progress import Reporter, SilentReporter
 from advdef.registry import ATTACKS
@@ -204,14 +208,16 @@ def run_clean(store: Store, eval_id: int, target: EvaluationTarget, config: Eval
         for positions in _batches(todo, config.batch_size):
             started = time.perf_counter()
             x = prepare(samples.float_images(positions), target.device, True)
-            with torch.no_grad(), seeded_model_rng(config.seed, CLEAN, int(samples.ids[positions[0]])):
+            with PassCounter(target.model) as passes, torch.no_grad(), \
+                    seeded_model_rng(config.seed, CLEAN, int(samples.ids[positions[0]])):
                 predictions = target.view(x).argmax(1).cpu()
             labels = samples.labels[positions]
             rows = [
                 (int(sid), int(label), int(pred == label), int(pred))
                 for sid, label, pred in zip(samples.ids[positions], labels, predictions)
             ]
-            store.record_outcomes(eval_id, CLEAN, rows, time.perf_counter() - started)
+            store.record_outcomes(eval_id, CLEAN, rows, time.perf_counter() - started,
+                                  forwards=passes.forwards, backwards=passes.backwards)
             task.advance(len(positions))
     store.finish_attack(eval_id, CLEAN, {"implementation": "advdef"})
 
@@ -272,7 +278,8 @@ def run_attack(
             started = time.perf_counter()
             x = prepare(samples.float_images(positions), target.device, True)
             y = samples.labels[positions].to(target.device)
-            with seeded_model_rng(config.seed, spec, int(ids[0])):
+            # The batch's cost: the attack's passes and the re-scoring forward of its output.
+            with PassCounter(target.model) as passes, seeded_model_rng(config.seed, spec, int(ids[0])):
                 x_adv = attack(target.view, x, y, seed=batch_seed(config.seed, spec, int(ids[0])))
                 check_budget(x, x_adv, float(config.eps))
                 with torch.no_grad():
@@ -283,7 +290,8 @@ def run_attack(
                 (int(sid), int(label), int(ok), int(pred))
                 for sid, label, ok, pred in zip(ids, y.cpu(), robust, predictions.cpu())
             ]
-            store.record_outcomes(eval_id, spec, rows, time.perf_counter() - started)
+            store.record_outcomes(eval_id, spec, rows, time.perf_counter() - started,
+                                  forwards=passes.forwards, backwards=passes.backwards)
             broken_total += int((~robust).sum())
             task.advance(len(positions), status=f"broken {broken_total}")
     details["warnings"] = sorted(set(warnings))

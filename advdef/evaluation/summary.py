@@ -44,6 +44,11 @@ class AttackResult:
     family: str = "white-box"  # Attack.family
     broke: int = 0  # samples this attack broke (each broken sample has exactly one breaker)
     suite: str | None = None  # the suite keyword it was expanded from, if any
+    implementation: str = ""  # which code ran it, with its version (part of the report's protocol)
+    # Cost in sample-passes through the model (advdef.evaluation.cost), re-scoring included;
+    # per attacked sample: forwards / attacked. 0 for evaluations stored before costs were.
+    forwards: int = 0
+    backwards: int = 0
 
 
 @dataclass
@@ -60,6 +65,13 @@ class EvalSummary:
     # them (the white-box attack then skipped samples it might have broken).
     worst_whitebox: Proportion | None = None
     checks: list[dict] = field(default_factory=list)  # stored sanity-check verdicts
+    sample_ids: list[int] = field(default_factory=list)  # the evaluated test-split ids
+    # Robust sample ids per aggregate ("clean", "standard_worst", "adaptive_worst"), for paired
+    # tests between evaluations of the same samples; standard_worst absent when undefined.
+    robust_ids: dict[str, frozenset[int]] = field(default_factory=dict)
+    # Total sample-passes of the whole evaluation: the clean pass plus every attack.
+    forwards: int = 0
+    backwards: int = 0
 
     @property
     def complete(self) -> bool:
@@ -121,8 +133,8 @@ def attack_family(spec: str) -> str:
     return getattr(plugin.factory, "family", "white-box")
 
 
-def whitebox_worst(clean_ok: set[int], attacks: list[AttackResult], broken_by: dict[str, set[int]], n: int) -> Proportion | None:
-    """Worst case over the white-box attacks, if they all ran before any other family."""
+def whitebox_survivors(clean_ok: set[int], attacks: list[AttackResult], broken_by: dict[str, set[int]]) -> set[int] | None:
+    """Samples robust to every white-box attack, if they all ran before any other family."""
     families = [a.family for a in attacks]
     if "white-box" not in families:
         return None
@@ -130,7 +142,13 @@ def whitebox_worst(clean_ok: set[int], attacks: list[AttackResult], broken_by: d
     if any(f != "white-box" for f in families[:last_whitebox]):
         return None
     broken = set().union(*(broken_by[a.spec] for a in attacks if a.family == "white-box"))
-    return Proportion(len(clean_ok - broken), n)
+    return clean_ok - broken
+
+
+def whitebox_worst(clean_ok: set[int], attacks: list[AttackResult], broken_by: dict[str, set[int]], n: int) -> Proportion | None:
+    """Worst case over the white-box attacks, if they all ran before any other family."""
+    survivors = whitebox_survivors(clean_ok, attacks, broken_by)
+    return None if survivors is None else Proportion(len(survivors), n)
 
 
 def summarize(store: Store, eval_id: int) -> EvalSummary:
@@ -168,8 +186,15 @@ def summarize(store: Store, eval_id: int) -> EvalSummary:
                 family=attack_family(attack["attack"]),
                 broke=len(broken_by[attack["attack"]]),
                 suite=attack["details"].get("suite"),
+                implementation=attack["details"].get("implementation", ""),
+                forwards=attack.get("forwards") or 0,
+                backwards=attack.get("backwards") or 0,
             )
         )
+    robust_ids = {"clean": frozenset(clean_ok), "adaptive_worst": frozenset(clean_ok - broken)}
+    survivors = whitebox_survivors(clean_ok, results, broken_by)
+    if survivors is not None:
+        robust_ids["standard_worst"] = frozenset(survivors)
     return EvalSummary(
         eval_id=eval_id,
         run=run,
@@ -181,4 +206,8 @@ def summarize(store: Store, eval_id: int) -> EvalSummary:
         warnings=evaluation_warnings(evaluation["protocol"], results),
         worst_whitebox=whitebox_worst(clean_ok, results, broken_by, n),
         checks=store.checks(eval_id),
+        sample_ids=list(evaluation["sample_ids"]),
+        robust_ids=robust_ids,
+        forwards=sum(a.get("forwards") or 0 for a in store.eval_attacks(eval_id)),
+        backwards=sum(a.get("backwards") or 0 for a in store.eval_attacks(eval_id)),
     )

@@ -83,4 +83,14 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        # Cost of each attack in sample-passes through the evaluated model (advdef.evaluation.cost):
+        # a forward of a batch of B images counts B, a backward through it B. Stores created
+        # before this migration get zeros for what they already evaluated.
+        "0003_costs",
+        """
+        ALTER TABLE eval_attacks ADD COLUMN forwards INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE eval_attacks ADD COLUMN backwards INTEGER NOT NULL DEFAULT 0;
+        """,
+    ),
 ]

@@ -192,7 +192,8 @@ class Store:
                     "SELECT COALESCE(MAX(position), -1) + 1 FROM eval_attacks WHERE eval_id = ?", (eval_id,)
                 ).fetchone()[0]
                 self.conn.execute(
-                    "INSERT INTO eval_attacks VALUES (?, ?, ?, 'running', 0, ?)",
+                    "INSERT INTO eval_attacks (eval_id, attack, position, status, seconds, details)"
+                    " VALUES (?, ?, ?, 'running', 0, ?)",
                     (eval_id, attack, position, json.dumps(details, sort_keys=True)),
                 )
 
@@ -204,17 +205,28 @@ class Store:
             )
 
     def record_outcomes(
-        self, eval_id: int, attack: str, rows: Iterable[tuple[int, int, int | None, int | None]], seconds: float
+        self,
+        eval_id: int,
+        attack: str,
+        rows: Iterable[tuple[int, int, int | None, int | None]],
+        seconds: float,
+        forwards: int = 0,
+        backwards: int = 0,
     ) -> None:
-        """Store (sample_id, label, robust, prediction) rows of one batch and its time, atomically."""
+        """Store (sample_id, label, robust, prediction) rows of one batch and its cost, atomically.
+
+        The cost (seconds, forward and backward sample-passes) is added in the same transaction
+        as the rows, so a killed and resumed evaluation counts every stored batch exactly once.
+        """
         with self.atomic():
             self.conn.executemany(
                 "INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, ?, ?, ?)",
                 [(eval_id, attack, *row) for row in rows],
             )
             self.conn.execute(
-                "UPDATE eval_attacks SET seconds = seconds + ? WHERE eval_id = ? AND attack = ?",
-                (seconds, eval_id, attack),
+                "UPDATE eval_attacks SET seconds = seconds + ?, forwards = forwards + ?, backwards = backwards + ?"
+                " WHERE eval_id = ? AND attack = ?",
+                (seconds, int(forwards), int(backwards), eval_id, attack),
             )
 
     def outcomes(self, eval_id: int, attack: str | None = None) -> list[dict[str, Any]]:
