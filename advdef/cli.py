@@ -382,37 +382,67 @@ def attack(
     )
 
 
+REPORT_FORMATS = ("markdown", "csv", "latex", "json", "html")
+PLOT_FORMATS = ("png", "svg")
+
+
 @app.command()
 @handles_user_errors
 def report(
-    markdown: Annotated[bool, typer.Option("--markdown", help="Markdown tables.")] = False,
-    csv: Annotated[bool, typer.Option("--csv", help="CSV with fractions, Wilson bounds and counts.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON.")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Markdown tables with protocol cards.")] = False,
+    csv: Annotated[bool, typer.Option("--csv", help="CSV: fractions, Wilson bounds, counts, deltas, p-values, costs.")] = False,
+    latex: Annotated[bool, typer.Option("--latex", help="LaTeX (booktabs) tables.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON with RobustBench-style fields per row.")] = False,
+    as_html: Annotated[bool, typer.Option("--html", help="One self-contained HTML page with tables and plots.")] = False,
+    published: Annotated[bool, typer.Option("--published", help="Add the seed papers' own numbers for the same settings.")] = False,
+    where: Annotated[Optional[list[str]], typer.Option("--where", help="Filter, e.g. defense=fsr,at=trades (values: a|b).")] = None,
+    group_by: Annotated[Optional[str], typer.Option("--group-by", help="Split tables by dataset, arch, defense, at or eps (comma list).")] = None,
+    sort: Annotated[Optional[str], typer.Option("--sort", help="Sort rows by a column, e.g. adaptive_worst (+col ascending).")] = None,
+    compact: Annotated[bool, typer.Option("--compact", help="Only clean and worst-case columns (narrow terminals).")] = False,
     run: Annotated[Optional[list[str]], typer.Option("--run", help="Only these run ids (repeatable).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write to this file instead of stdout.")] = None,
+    plots: Annotated[Optional[Path], typer.Option("--plots", help="Also write the plots (accuracy vs eps, per class) to this folder.")] = None,
+    plot_format: Annotated[str, typer.Option("--plot-format", help="png or svg.")] = "png",
     store_path: StoreOption = None,
 ) -> None:
-    """Comparison tables of every evaluation in the store, one table per protocol."""
-    from advdef.report import comparison_tables, print_rich, to_csv, to_json, to_markdown
+    """Comparison tables of the evaluations in the store, one table per protocol."""
+    from advdef.report import comparison_tables, print_rich, to_csv, to_json, to_latex, to_markdown
+    from advdef.report.filters import parse_group_by, parse_where
 
-    if sum([markdown, csv, as_json]) > 1:
-        raise UserError("choose one of --markdown, --csv, --json")
+    chosen = [name for name, flag in zip(REPORT_FORMATS, (markdown, csv, latex, as_json, as_html)) if flag]
+    if len(chosen) > 1:
+        raise UserError(f"choose one output format, got {', '.join('--' + c for c in chosen)}")
+    if plot_format not in PLOT_FORMATS:
+        raise UserError(f"--plot-format must be one of {', '.join(PLOT_FORMATS)}, got '{plot_format}'")
+    conditions, groups = parse_where(where), parse_group_by(group_by)
     store = _open_store(store_path)
     for run_id in run or []:
         store.get_run(run_id)
-    tables = comparison_tables(store, run)
+    tables = comparison_tables(store, run, where=conditions, group_by=groups, sort=sort, published=published)
     if not tables:
-        _stderr().print("no evaluations in the store yet; run advdef evaluate first")
+        _stderr().print("no evaluations match; run advdef evaluate first" if not (where or run)
+                        else "no evaluations match the filters")
         return
-    if markdown or csv or as_json:
-        text = to_markdown(tables) if markdown else to_csv(tables) if csv else to_json(tables)
+    if plots is not None:
+        from advdef.report.html import report_plots
+
+        for path, _ in report_plots(store, tables, plots, f".{plot_format}"):
+            _stderr().print(f"wrote {path}", highlight=False)
+    if chosen:
+        if as_html:
+            from advdef.report.html import to_html
+
+            text = to_html(store, tables, compact=compact)
+        else:
+            text = {"markdown": lambda: to_markdown(tables, compact), "csv": lambda: to_csv(tables),
+                    "latex": lambda: to_latex(tables), "json": lambda: to_json(tables)}[chosen[0]]()
         if out is not None:
             out.write_text(text)
         else:
             sys.stdout.write(text)
         return
-    console = Console(file=out.open("w"), width=200) if out is not None else stdout
-    print_rich(tables, console)
+    console = Console(file=out.open("w"), width=240) if out is not None else stdout
+    print_rich(tables, console, compact=compact)
 
 
 @app.command("export")
@@ -449,6 +479,11 @@ def run_command(
     with _reporter() as reporter:
         run_ids = run_preset(preset, store, runs_dir_for(store, runs_dir), reporter, device=device)
     print_rich(comparison_tables(store, run_ids), stdout)
+
+
+from advdef.analysis.cli import analyze_app  # noqa: E402  (needs the option helpers above)
+
+app.add_typer(analyze_app, name="analyze")
 
 
 def main() -> None:

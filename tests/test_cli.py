@@ -97,16 +97,18 @@ def test_the_whole_loop_through_the_cli(tmp_path):
     assert markdown.exit_code == 0
     table = [line for line in markdown.output.splitlines() if line.startswith("|")]
     assert table[0].split("|")[1:-1][:5] == [" run ", " dataset ", " arch ", " defense ", " at "]
-    assert "worst case" in table[0] and "pgd5" in table[0] and len(table) == 4
+    # The standard run selects on val_clean, the PGD-AT run on val_robust: two protocols, two tables.
+    assert "adaptive worst" in table[0] and "pgd5" in table[0] and len(table) == 6
+    assert markdown.output.count("### Table") == 2 and "- checkpoint: val_clean" in markdown.output
     assert "eps=16/255" in markdown.output
 
     csv = invoke("report", "--csv", store=store)
     assert csv.exit_code == 0
     header = csv.output.splitlines()[0].split(",")
-    assert {"clean", "clean_low", "clean_high", "worst", "worst_k", "eps"} <= set(header)
+    assert {"clean", "clean_low", "clean_high", "adaptive_worst", "adaptive_worst_k", "eps"} <= set(header)
 
     terminal = invoke("report", store=store)
-    assert terminal.exit_code == 0 and "worst case" in terminal.output
+    assert terminal.exit_code == 0 and "adaptive worst" in terminal.output
 
     out = tmp_path / "adv.safetensors"
     crafted = invoke("attack", "--run", run_ids[0], "--attack", "pgd:steps=5", "--out", str(out), "--n", "30",
@@ -137,7 +139,7 @@ def test_evaluate_reports_checks_and_both_worst_cases(eval_store):
     result = invoke("evaluate", "--run", runs["pgd_at"], "--attacks", "fgsm,pgd:steps=5,blackbox", "--n", "30",
                     "--device", "cpu", "--eps", "16/255", "--n-check", "30", store=store.path)
     assert result.exit_code == 0, result.output
-    assert "white-box worst" in result.output and "checks" in result.output
+    assert "standard worst" in result.output and "adaptive worst" in result.output and "checks" in result.output
     assert "broken first by" in result.output
     exported = invoke("export", "checks", store=store.path)
     assert exported.exit_code == 0 and "zero_gradients" in exported.output

@@ -13,7 +13,7 @@ def test_quick_preset_trains_evaluates_and_reports(tmp_path):
     store_path = tmp_path / "advdef.sqlite"
     result = CliRunner().invoke(app, ["run", "--preset", "quick", "--store", str(store_path), "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "worst case" in result.output and "aa" in result.output
+    assert "adaptive worst" in result.output and "aa" in result.output
     with Store(store_path) as store:
         runs = {r["at_method"].split(":")[0]: r for r in store.runs()}
         assert set(runs) == {"standard", "pgd_at"} and all(r["status"] == "trained" for r in runs.values())

@@ -121,7 +121,7 @@ def test_report_shows_white_box_and_overall_worst_cases_and_who_broke_what(eval_
     assert summary.worst_whitebox is not None and summary.worst.k <= summary.worst_whitebox.k
     assert summary.clean.k - summary.worst.k == sum(a.broke for a in summary.attacks)
     (table,) = comparison_tables(store, [runs["pgd_at"]])
-    assert table.metrics[-2:] == ["worst_whitebox", "worst"]
+    assert table.metrics[-2:] == ["standard_worst", "adaptive_worst"]
     assert any("broken first by" in note for note in table.notes)
 
 

@@ -1,4 +1,4 @@
-"""Confidence intervals for accuracies (Wilson score; Clopper-Pearson-free, stdlib only)."""
+"""Statistics of accuracies: Wilson intervals, the exact McNemar test, mean and sd over seeds (stdlib only)."""
 
 from __future__ import annotations
 
@@ -40,3 +40,30 @@ def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float
     low = 0.0 if k == 0 else max(0.0, centre - half)  # exact bounds where rounding would blur them
     high = 1.0 if k == n else min(1.0, centre + half)
     return (low, high)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for paired binary outcomes.
+
+    `b` and `c` are the discordant pairs (robust under A only, robust under B only); under the
+    null each discordant pair is a fair coin, so p = P(Binomial(b + c, 1/2) as extreme as
+    observed) = min(1, 2 * P(X <= min(b, c))). Concordant pairs carry no information. The exact
+    test (not the chi-square approximation) because evaluation subsets are small.
+    """
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts must be non-negative, got b={b}, c={c}")
+    trials = b + c
+    if trials == 0:
+        return 1.0
+    tail = sum(math.comb(trials, i) for i in range(min(b, c) + 1)) / 2**trials
+    return min(1.0, 2 * tail)
+
+
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1); sd is None for a single value."""
+    if not values:
+        return (float("nan"), None)
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return (mean, None)
+    return (mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)))
