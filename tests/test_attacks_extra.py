@@ -206,3 +206,27 @@ def test_noise_returns_the_misclassified_draw_else_the_last():
     assert (view(found).argmax(1) == 1).all(), "a 5% chance per draw: 100 draws find one"
     missed = ATTACKS.create("noise:draws=1", eps=EPS)(view, x, y, seed=1)
     assert not torch.equal(missed, x), "without a hit, the last draw (not the clean point) is returned"
+
+
+@pytest.mark.parametrize("spec", ["apgd:loss=dlr", "apgd:targeted=true", "aa:version=custom,attacks=apgd-t",
+                                  "aa:version=custom,attacks=fab-t", "square:queries=10"])
+def test_official_attacks_run_on_channels_last_rgb_models(spec):
+    """advdef runs models channels_last; the official code flattens input gradients with .view,
+    which failed on 3-channel inputs ("view size is not compatible") until gradients were made
+    contiguous on the way back (advdef.attacks.official.PlainLogits)."""
+    from advdef.attacks import eval_mode
+    from advdef.data.base import DataInfo
+    from advdef.device import prepare
+    from advdef.models import build_model
+    from conftest import TINY
+
+    info = DataInfo("toy", (3, 16, 16), 10, tuple("abcdefghij"), (0.5,) * 3, (0.25,) * 3)
+    torch.manual_seed(0)
+    model = build_model(TINY["resnet18"], info).model.to(memory_format=torch.channels_last).eval()
+    x = prepare(torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.device("cpu"), True)
+    assert not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    with eval_mode(model) as view:
+        x_adv = ATTACKS.create(spec, eps=Fraction(8, 255))(view, x, y, seed=0)
+    assert x_adv.shape == x.shape and (x_adv - x).abs().max() <= 8 / 255 + 1e-6

@@ -107,11 +107,13 @@ class AutoAttack(Attack):
 
         return f"pyautoattack {library_versions()['pyautoattack']} (official AutoAttack)"
 
-    def build(self, view, device: torch.device, seed: int):
+    def build(self, view, device: torch.device, seed: int, dtype: torch.dtype = torch.float32):
         from pyautoattack import AutoAttack as OfficialAutoAttack
 
+        from advdef.attacks.official import PlainLogits
+
         adversary = OfficialAutoAttack(
-            view, eps=float(self.eps), norm="Linf", device=device, seed=seed, version=self.version,
+            PlainLogits(view, dtype), eps=float(self.eps), norm="Linf", device=device, seed=seed, version=self.version,
             attacks=self.attacks if self.version == "custom" else None,
         )
         if self.version == "standard":
@@ -127,13 +129,14 @@ class AutoAttack(Attack):
 
     def perturb(self, view, x, y, generator):
         seed = self.seed_from(generator)
-        adversary = self.build(view, x.device, seed)
+        adversary = self.build(view, x.device, seed, x.dtype)
         logger = logging.getLogger("auto-attack")
         collector = _WarningCollector()
         logger.addHandler(collector)
         try:
             with preserved_rng():
-                x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))
+                # Contiguous: the official code flattens tensors with .view (see PlainLogits).
+                x_adv, _ = adversary.run_standard_evaluation(x.contiguous(), y, batch_size=len(x))
         finally:
             logger.removeHandler(collector)
         self.warnings = collector.messages

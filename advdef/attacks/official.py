@@ -26,11 +26,29 @@ LOGGER_NAME = "auto-attack"  # pyautoattack's logger: zero-gradient and other ch
 Builder = Callable[[nn.Module, int, torch.device, logging.Logger], Any]
 
 
+class _ContiguousGradient(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous (NCHW) gradient.
+
+    advdef runs models in channels_last; the input gradient then comes back channels_last, and
+    the official code flattens gradients with `.view(...)`, which a channels_last tensor refuses
+    (APGD-DLR, APGD-T: "view size is not compatible with input tensor's size and stride").
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 class PlainLogits(nn.Module):
     """The view as the official code expects a model: x -> one logits tensor.
 
     The official APGD casts inputs to float32; they are cast back to the caller's dtype so a
-    float64 model still runs. Anything but a tensor is refused rather than guessed at.
+    float64 model still runs. Input gradients leave in the contiguous layout the official code
+    assumes (`_ContiguousGradient`). Anything but a tensor is refused rather than guessed at.
     """
 
     def __init__(self, view: nn.Module, dtype: torch.dtype) -> None:
@@ -39,6 +57,8 @@ class PlainLogits(nn.Module):
         self.dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:
+            x = _ContiguousGradient.apply(x)
         out = self.view(x.to(self.dtype))
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the official attacks need a model returning one logits tensor, got {type(out).__name__}")
@@ -68,7 +88,7 @@ def run_official(
         with preserved_rng(x.device), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             adversary = build(PlainLogits(view, x.dtype), seed, x.device, logger)
-            x_adv = adversary.perturb(x, y)
+            x_adv = adversary.perturb(x.contiguous(), y)
     finally:
         logger.removeHandler(collector)
     messages = collector.messages + [str(w.message) for w in caught]
