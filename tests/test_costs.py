@@ -40,6 +40,14 @@ class Tiny(nn.Module):
         return self.out(self.aux)
 
 
+@pytest.fixture(autouse=True)
+def no_shrinking(monkeypatch):
+    """The exact counts below are the rule without active-set shrinking (broken examples leaving
+    the batch mid-attack); test_shrinking_only_removes_passes covers what shrinking saves."""
+    monkeypatch.setattr(PGD, "_shrink", False)
+    monkeypatch.setattr(FGSM, "_shrink", False)
+
+
 def _batch(model: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     x = torch.rand(B, 3, 2, 2, generator=torch.Generator().manual_seed(1))
     return LogitsView(model.eval()), x, torch.zeros(B, dtype=torch.long)
@@ -266,3 +274,14 @@ def test_adaptive_head_attacks_count_their_backwards_through_the_heads():
     assert passes.backwards > 0 and passes.backwards % n == 0
     assert passes.forwards - passes.backwards in (0, n)
     assert passes.backwards <= steps * n
+
+
+def test_shrinking_only_removes_passes(monkeypatch):
+    model = Tiny()
+    view, x, y = _batch(model)
+    without = _count(model, PGD(eps=EPS, steps=5), seed=3)
+    x_without = PGD(eps=EPS, steps=5)(view, x, y, seed=3)
+    monkeypatch.setattr(PGD, "_shrink", True)
+    with_shrinking = _count(model, PGD(eps=EPS, steps=5), seed=3)
+    assert torch.equal(PGD(eps=EPS, steps=5)(view, x, y, seed=3), x_without)
+    assert with_shrinking[0] < without[0] and with_shrinking[1] <= without[1]

@@ -77,7 +77,7 @@ def test_eot_direction_is_the_mean_not_the_first_draw():
 def test_best_iterate_uses_the_first_pass_logits():
     model = TwoMaps(A, B, seed=1)
     x, y = torch.full((2, 4), 0.5), torch.zeros(2, dtype=torch.long)
-    pgd_attack(model, x, y, eps=0.1, alpha=0.05, steps=3, random_start=False, eot=2)
+    pgd_attack(model, x, y, eps=0.1, alpha=0.05, steps=3, random_start=False, eot=2, shrink=False)
     assert len(model.draws) == 3 * 2 + 1, "one extra forward scores the last iterate, without EOT"
 
 
