@@ -178,6 +178,7 @@ def train(
     device: DeviceOption = "auto",
     channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last")] = True,
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA (no effect on CPU).")] = True,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model's forward (same weights and checkpoint keys; falls back to eager with a warning if compiling fails).")] = False,
     store_path: StoreOption = None,
     runs_dir: RunsDirOption = None,
 ) -> None:
@@ -193,7 +194,7 @@ def train(
         lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, lr_decay=lr_decay, seed=seed,
         limit_train=limit_train, val_fraction=val_fraction, select=select, dual_bn=dual_bn, data_dir=data_dir,
         download=download,
-        device=device, channels_last=channels_last, amp=amp,
+        device=device, channels_last=channels_last, amp=amp, compile=compile,
     )
     store = _open_store(store_path)
     with _reporter() as reporter:
@@ -276,7 +277,7 @@ def _preset_lines(described: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _eval_config(attacks: str, n: Optional[int], eps: str, seed: int, batch_size: int, limit_test: Optional[int],
+def _eval_config(attacks: str, n: Optional[int], eps: str, seed: int, batch_size: int | str, limit_test: Optional[int],
                  data_dir: Optional[str], download: bool, device: str, epoch: Optional[int], **options: Any):
     from advdef.evaluation.engine import EvalConfig
     from advdef.specs import split_specs
@@ -284,7 +285,7 @@ def _eval_config(attacks: str, n: Optional[int], eps: str, seed: int, batch_size
     specs = split_specs(attacks)
     if not specs:
         raise UserError("--attacks is empty; e.g. --attacks fgsm,pgd20,cw,aa or --suite full")
-    if batch_size < 1:
+    if batch_size != "auto" and batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     if limit_test is not None and limit_test < 1:
         raise UserError("--limit-test must be at least 1")
@@ -319,12 +320,15 @@ def evaluate(
     n: NOption = None,
     eps: EpsOption = "8/255",
     seed: SeedOption = 0,
-    batch_size: BatchOption = 256,
+    batch_size: Annotated[str, typer.Option("--batch-size", help="Samples per batch, or auto: the largest of 256, 128, ... whose forward+backward fits in GPU memory (256 on CPU). Fixed for the whole evaluation: it sets the batches' random starts, so it is recorded in the protocol.")] = "256",
     limit_test: LimitTestOption = None,
     epoch: EpochOption = None,
     data_dir: DataDirOption = None,
     download: DownloadOption = False,
     device: DeviceOption = "auto",
+    amp: Annotated[str, typer.Option("--amp", help="Attack in mixed precision: off, bf16 or fp16 (for CUDA). The attacks are rerun in fp32 on --amp-check-n samples; if low precision looks more robust than the fp32 interval allows, the evaluation is marked unreliable and refused.")] = "off",
+    amp_check_n: Annotated[int, typer.Option("--amp-check-n", help="Samples of the fp32 cross-check of --amp.")] = 200,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model's forward (falls back to eager with a warning if compiling fails).")] = False,
     eot: Annotated[Optional[int], typer.Option("--eot", help="Gradient samples per step for attacks that take eot (default 20 for a stochastic defense, else 1).")] = None,
     checks: Annotated[bool, typer.Option("--checks/--no-checks", help="Run the gradient-masking sanity checks after the attacks.")] = True,
     n_check: Annotated[int, typer.Option("--n-check", help="Samples the sanity checks attack.")] = 100,
@@ -334,6 +338,8 @@ def evaluate(
     from advdef import pipeline
     from advdef.report import comparison_tables, print_rich
 
+    from advdef.evaluation.batching import check_batch_size
+    from advdef.evaluation.precision import check_amp
     from advdef.evaluation.suites import SUITES
 
     if suite is not None and suite not in SUITES:
@@ -341,8 +347,9 @@ def evaluate(
     if attacks is None and suite is None:
         suite, n = "full", DEFAULT_SUITE_N if n is None else n
     combined = ",".join(part for part in (attacks, suite) if part)
-    config = _eval_config(combined, n, eps, seed, batch_size, limit_test, data_dir, download, device, epoch,
-                          eot=eot, checks=checks, n_check=n_check)
+    config = _eval_config(combined, n, eps, seed, check_batch_size(batch_size), limit_test, data_dir, download, device,
+                          epoch, eot=eot, checks=checks, n_check=n_check, amp=check_amp(amp, amp_check_n),
+                          amp_check_n=amp_check_n, compile=compile)
     store = _open_store(store_path)
     with _reporter() as reporter:
         eval_ids = pipeline.evaluate(store, config, run, reporter)

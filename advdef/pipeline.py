@@ -17,6 +17,7 @@ from advdef.attacks.base import eval_mode
 from advdef.device import prepare
 from advdef.errors import UserError
 from advdef.evaluation.engine import CLEAN, EvalConfig, batch_seed, evaluate_run, load_target, protocol_key
+from advdef.evaluation.precision import precision_name
 from advdef.evaluation.suites import is_keyword
 from advdef.progress import Reporter, SilentReporter
 from advdef.registry import ATTACKS
@@ -51,6 +52,7 @@ def pending_runs(store: Store, config: EvalConfig) -> list[str]:
                 and protocol.get("n_requested") == config.n
                 and protocol.get("limit_test") == config.limit_test
                 and (config.epoch is None or protocol["epoch"] == config.epoch)
+                and protocol.get("precision", "fp32") == precision_name(config.amp)  # --amp is its own evaluation
             )
             if same:
                 finished |= {a["attack"] for a in store.eval_attacks(evaluation["eval_id"]) if a["status"] == "done"}

@@ -7,11 +7,18 @@ lets an interrupted training run resume bit-for-bit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Iterator
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -133,19 +140,21 @@ def limit_split(split: Split, limit: int | None, seed: int) -> Split:
 
 
 def augment_batch(images: torch.Tensor, mode: str, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """Random crop with zero padding (and horizontal flip for "crop_flip") on a uint8/float batch."""
+    """Random crop with zero padding (and horizontal flip for "crop_flip") on a uint8/float batch.
+
+    The draws are the image-by-image loop's (all crop offsets, then all flips) and the crops are
+    one gather over the padded batch's windows, so the output is bit-identical to that loop's.
+    """
     if mode == "none":
         return images
     n, _, height, width = images.shape
     padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
     offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator)
-    out = torch.empty_like(images)
-    for i in range(n):
-        top, left = int(offsets[i, 0]), int(offsets[i, 1])
-        out[i] = padded[i, :, top : top + height, left : left + width]
+    windows = padded.unfold(2, height, 1).unfold(3, width, 1)  # N, C, top, left, H, W (a view)
+    out = windows[torch.arange(n), :, offsets[:, 0], offsets[:, 1]]
     if mode == "crop_flip":
         flip = torch.rand(n, generator=generator) < 0.5
-        out[flip] = out[flip].flip(-1)
+        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
     return out
 
 
@@ -166,6 +175,88 @@ def iterate_batches(
         if augment != "none":
             images = augment_batch(images, augment, generator)
         yield images.float().div_(255.0), split.labels[positions], split.ids[positions]
+
+
+def prefetch(
+    batches: Iterable[T], depth: int = 2, *, transform: Callable[[T], T] | None = None
+) -> Iterator[T]:
+    """Yield `batches`' items, produced up to `depth` items ahead on a background thread.
+
+    The producer runs the same iterator, in the same order, as a plain loop would: its random
+    draws (a seeded generator of its own, as in `iterate_batches`) are unchanged, so prefetched
+    items are bit-identical to sequential ones; the global RNG is never touched. `transform`
+    (e.g. pinning for CUDA) runs on the producer too. An exception in the producer is raised
+    here; closing this generator (or an exception in the consumer's loop, with `closing`)
+    stops and joins the thread. `depth` 0 iterates on the calling thread.
+    """
+    if depth <= 0:
+        for item in batches:
+            yield transform(item) if transform is not None else item
+        return
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        # Blocking puts: the producer wakes only when a slot frees (it never polls, so it does
+        # not interrupt the training thread); closing drains the queue to unblock a put.
+        iterator = iter(batches)
+        try:
+            while not stop.is_set():
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    slots.put((True, None))
+                    return
+                slots.put((False, transform(item) if transform is not None else item))
+        except BaseException as error:  # handed to the consumer, raised there
+            slots.put((True, error))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="advdef-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            finished, payload = slots.get()
+            if finished:
+                if payload is not None:
+                    raise payload
+                return
+            yield payload
+    finally:
+        stop.set()
+        while thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                slots.get_nowait()
+            thread.join(timeout=0.01)
+
+
+def pin_batch(batch: tuple, device: torch.device | None = None) -> tuple:
+    """The batch with its tensors in page-locked memory, for asynchronous copies to CUDA `device`
+    (run on the prefetch thread, so the copy into pinned memory overlaps the model's step)."""
+    if device is not None and device.index is not None:
+        torch.cuda.set_device(device)  # per thread: pin through the training device's context
+    return tuple(item.pin_memory() if isinstance(item, torch.Tensor) else item for item in batch)
+
+
+class WaitClock:
+    """Wraps an iterator and adds up the wall time spent waiting for its next item."""
+
+    def __init__(self, items: Iterable[T]) -> None:
+        self._items = iter(items)
+        self.waited = 0.0
+
+    def __iter__(self) -> WaitClock:
+        return self
+
+    def __next__(self):
+        started = time.perf_counter()
+        try:
+            return next(self._items)
+        finally:
+            self.waited += time.perf_counter() - started
 
 
 class DatasetPlugin:

@@ -15,6 +15,10 @@ Rules that keep numbers honest:
 - each batch's cost is stored with its outcomes: wall time and forward/backward sample-passes
   through the model (advdef.evaluation.cost), the re-scoring forward included; skipped samples
   cost nothing, and the sanity checks are not counted.
+
+Speed options that never change results (docs/evaluation.md, "Speed without weakening"):
+`batch_size="auto"` and out-of-memory retries (advdef.evaluation.batching), `amp` with its fp32
+cross-check (advdef.evaluation.precision), `compile` (advdef.device.compile_model).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 from typing import Any
@@ -34,8 +38,9 @@ import torch
 from advdef.attacks.base import AttackContext, check_budget, eval_mode, preserved_rng
 from advdef.attacks.pgd import EIGHT_255
 from advdef.data.base import Split, limit_split
-from advdef.device import prepare, select_device
+from advdef.device import compile_model, prepare, select_device
 from advdef.errors import UserError
+from advdef.evaluation import batching, precision
 from advdef.evaluation.cost import PassCounter
 from advdef.evaluation.suites import SuiteContext, expand, is_keyword
 from advdef.progress import Reporter, SilentReporter
@@ -57,7 +62,7 @@ class EvalConfig:
     eps: Fraction = EIGHT_255
     n: int | None = 1000
     seed: int = 0
-    batch_size: int = 256
+    batch_size: int | str = 256  # or "auto": the largest of 256, 128, ... that fits (CUDA); 256 on CPU
     limit_test: int | None = None
     data_dir: str | None = None
     download: bool = False
@@ -68,6 +73,10 @@ class EvalConfig:
     # Sanity checks (advdef.evaluation.checks) after the attacks, on up to n_check samples.
     checks: bool = True
     n_check: int = 100
+    # Mixed precision ("off", "bf16", "fp16"), checked against fp32 on amp_check_n samples.
+    amp: str = "off"
+    amp_check_n: int = precision.DEFAULT_CHECK_N
+    compile: bool = False  # torch.compile the model's forward (eager fallback if compiling fails)
 
     def canonical_attacks(self, context: SuiteContext | None = None) -> list[str]:
         """Canonical attack specs with every parameter resolved (eps excluded: it is the protocol's).
@@ -114,6 +123,8 @@ def seeded_model_rng(seed: int, attack: str, first_sample_id: int) -> Iterator[N
 def protocol_key(protocol: dict) -> str:
     """Evaluations with equal keys measured the same model on the same samples and threat model."""
     keyed = {k: protocol[k] for k in ("dataset", "split", "sample_hash", "eps", "norm", "seed", "epoch")}
+    if protocol.get("precision", "fp32") != "fp32":  # low-precision outcomes never join fp32 ones
+        keyed["precision"] = protocol["precision"]
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -143,6 +154,7 @@ def load_target(store: Store, run_id: str, config: EvalConfig) -> EvaluationTarg
     train_config = TrainConfig.from_json(run["config"])
     device = select_device(config.device)
     built, card = load_run_model(run, device, config.epoch, train_config.channels_last)
+    compile_model(built.model, config.compile)
     dataset = open_dataset(train_config.data, config.data_dir or train_config.data_dir, config.download)
     test = dataset.load("test", limit=config.limit_test, seed=config.seed)
     samples = select_samples(test, config.n, config.seed)
@@ -159,7 +171,8 @@ def load_target(store: Store, run_id: str, config: EvalConfig) -> EvaluationTarg
         "checkpoint_rule": train_config.selection if config.epoch is None else "explicit epoch",
         "model_mode": "eval",
         "wrapper": "LogitsView (label-free, float32 logits)",
-        "precision": "fp32",
+        "precision": precision.precision_name(config.amp),
+        "compile": bool(config.compile),
         "device": str(device),
         "batch_size": config.batch_size,
         "limit_test": config.limit_test,
@@ -174,7 +187,11 @@ def evaluate_run(store: Store, run_id: str, config: EvalConfig, reporter: Report
     """Evaluate one run with every attack of `config`; returns the evaluation id."""
     reporter = reporter or SilentReporter()
     config.canonical_attacks()  # bad specs fail before the model is loaded
+    config = replace(config, batch_size=batching.check_batch_size(config.batch_size),
+                     amp=precision.check_amp(config.amp, config.amp_check_n, select_device(config.device)))
     target = load_target(store, run_id, config)
+    config = replace(config, batch_size=batching.resolve_batch_size(store, target, config))
+    target.protocol["batch_size"] = config.batch_size
     context = config.suite_context(store, target.run, target.defense)
     attacks = config.canonical_attacks(context)
     for note in context.notes:
@@ -187,6 +204,7 @@ def evaluate_run(store: Store, run_id: str, config: EvalConfig, reporter: Report
         run_clean(store, eval_id, target, config, reporter)
         for spec in attacks:
             run_attack(store, eval_id, target, spec, config, reporter, suite=context.origins.get(spec))
+        precision.cross_check(store, eval_id, target, config, reporter)  # --amp only; raises if it fails
         if config.checks:
             from advdef.evaluation.checks import run_checks
 
@@ -208,9 +226,13 @@ def run_clean(store: Store, eval_id: int, target: EvaluationTarget, config: Eval
         for positions in _batches(todo, config.batch_size):
             started = time.perf_counter()
             x = prepare(samples.float_images(positions), target.device, True)
-            with PassCounter(target.model) as passes, torch.no_grad(), \
-                    seeded_model_rng(config.seed, CLEAN, int(samples.ids[positions[0]])):
-                predictions = target.view(x).argmax(1).cpu()
+
+            def predict():
+                with PassCounter(target.model) as passes, torch.no_grad(), precision.autocast(config.amp, target.device), \
+                        seeded_model_rng(config.seed, CLEAN, int(samples.ids[positions[0]])):
+                    return target.view(x).argmax(1).cpu(), passes
+
+            predictions, passes = batching.retry_out_of_memory(predict, target.device, config.batch_size, "the clean pass")
             labels = samples.labels[positions]
             rows = [
                 (int(sid), int(label), int(pred == label), int(pred))
@@ -249,7 +271,8 @@ def run_attack(
     "paper": the report labels the paper's own protocol as such)."""
     attack = ATTACKS.create(spec, eps=Fraction(config.eps))
     # Gradient samples per step (Expectation over Transformation); 1 for attacks without EOT.
-    details = {"implementation": attack.implementation, "eps": target.protocol["eps"], "eot": getattr(attack, "eot", 1)}
+    details = {"implementation": attack.implementation, "eps": target.protocol["eps"], "eot": getattr(attack, "eot", 1),
+               "batch_size": config.batch_size}
     if suite is not None:
         details["suite"] = suite
     store.start_attack(eval_id, spec, details)
@@ -278,12 +301,17 @@ def run_attack(
             started = time.perf_counter()
             x = prepare(samples.float_images(positions), target.device, True)
             y = samples.labels[positions].to(target.device)
-            # The batch's cost: the attack's passes and the re-scoring forward of its output.
-            with PassCounter(target.model) as passes, seeded_model_rng(config.seed, spec, int(ids[0])):
-                x_adv = attack(target.view, x, y, seed=batch_seed(config.seed, spec, int(ids[0])))
-                check_budget(x, x_adv, float(config.eps))
-                with torch.no_grad():
-                    predictions = target.view(x_adv).argmax(1)
+
+            def craft():  # the whole batch from its seeds, so an out-of-memory retry redoes it exactly
+                # The batch's cost: the attack's passes and the re-scoring forward of its output.
+                with PassCounter(target.model) as passes, seeded_model_rng(config.seed, spec, int(ids[0])), \
+                        precision.autocast(config.amp, target.device):
+                    x_adv = attack(target.view, x, y, seed=batch_seed(config.seed, spec, int(ids[0])))
+                    check_budget(x, x_adv, float(config.eps))
+                    with torch.no_grad():
+                        return target.view(x_adv).argmax(1), passes
+
+            predictions, passes = batching.retry_out_of_memory(craft, target.device, config.batch_size, f"attack {spec}")
             robust = (predictions == y).cpu()
             warnings.extend(getattr(attack, "warnings", []))
             rows = [

@@ -25,7 +25,8 @@ ADAPTIVE_WORST = "adaptive_worst"
 PAIRED_METRICS = (CLEAN, STANDARD_WORST, ADAPTIVE_WORST)
 HEADLINE = ADAPTIVE_WORST
 # Run configuration fields that do not change what was trained (pooled across, or irrelevant).
-NOT_RECIPE = {"seed", "device", "data_dir", "download", "preset"}
+# `compile` changes how fast, not what, a run trains (and runs stored before it lack the key).
+NOT_RECIPE = {"seed", "device", "data_dir", "download", "preset", "compile"}
 
 
 @dataclass(frozen=True)

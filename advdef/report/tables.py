@@ -26,7 +26,7 @@ from advdef.specs import parse_spec
 from advdef.store import Store
 
 IDENTITY_COLUMNS = ["run", "dataset", "arch", "defense", "at"]
-PROTOCOL_FIELDS = ("dataset", "split", "n", "sample_hash", "eps", "norm", "seed", "checkpoint_rule")
+PROTOCOL_FIELDS = ("dataset", "split", "n", "sample_hash", "eps", "norm", "seed", "checkpoint_rule", "precision")
 COST_COLUMNS = ["eval_seconds", "forwards_per_sample", "backwards_per_sample", "train_seconds"]
 
 
@@ -58,6 +58,7 @@ class ComparisonTable:
             ("attacks, in order", attacks),
             ("adaptive attacks", "derived per defense from its declarations (--suite adaptive); listed per row"),
             ("checkpoint", p["checkpoint_rule"]),
+            ("precision", p.get("precision") or "fp32"),
             ("model view", "eval mode, label-free, final logits (adaptive attacks excepted)"),
         ]
 
@@ -115,6 +116,7 @@ def is_adaptive(attack) -> bool:
 
 def protocol_of(summary: EvalSummary) -> dict:
     card = {name: summary.protocol.get(name) for name in PROTOCOL_FIELDS}
+    card["precision"] = card["precision"] or "fp32"  # evaluations stored before precision was recorded
     card["attacks"] = protocol_attacks(summary)
     return card
 

@@ -50,6 +50,9 @@ class TrainConfig:
     device: str = "auto"
     channels_last: bool = True
     amp: bool = True
+    # torch.compile the model's forward (advdef.device.compile_model): same weights and checkpoint
+    # keys, eager fallback with a warning if compiling fails. Speed only: the trained model is the same.
+    compile: bool = False
     # Dual BatchNorm (AdvProp / Mixture BN): None = "clean" for the advprop method, else "off";
     # "clean" / "adversarial" name the BatchNorm set the trained model uses at inference.
     dual_bn: str | None = None
@@ -66,6 +69,7 @@ class TrainConfig:
         checks = [
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (isinstance(self.compile, bool), "--compile is a flag: true or false"),
             (self.lr > 0, "--lr must be positive"),
             (0 < self.val_fraction < 1, "--val-fraction must be in (0, 1)"),
             (self.limit_train is None or self.limit_train >= 2, "--limit-train must be at least 2"),

@@ -39,7 +39,8 @@ from advdef.training.config import TrainConfig
 # model and the attack budget. How a method crafts (start, BN mode) stays the method's own.
 ATTACK_PARAMS = ("eps", "alpha", "steps")
 # TrainConfig fields about the machine, the data location or the run's bookkeeping: never a recipe's.
-NOT_RECIPE_FIELDS = frozenset({"data", "data_dir", "download", "device", "channels_last", "amp", "limit_train", "preset"})
+NOT_RECIPE_FIELDS = frozenset({"data", "data_dir", "download", "device", "channels_last", "amp", "compile",
+                               "limit_train", "preset"})
 CONFIG_FIELDS = tuple(f.name for f in fields(TrainConfig))
 RECIPE_FIELDS = frozenset(CONFIG_FIELDS) - NOT_RECIPE_FIELDS
 DEFAULTS = TrainConfig()

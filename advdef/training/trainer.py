@@ -11,14 +11,16 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterable
+from contextlib import closing
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from advdef.attacks.base import eval_mode
-from advdef.data.base import LoadedData, Split, iterate_batches, load_for_training
-from advdef.device import autocast, grad_scaler, memory_format, prepare, select_device
+from advdef.data.base import LoadedData, Split, WaitClock, iterate_batches, load_for_training, pin_batch, prefetch
+from advdef.device import autocast, compile_model, grad_scaler, memory_format, prepare, select_device
 from advdef.errors import UserError
 from advdef.models import BuiltModel, build_model
 from advdef.progress import Reporter, SilentReporter
@@ -27,6 +29,11 @@ from advdef.store import Store
 from advdef.training import checkpoint
 from advdef.training.config import TrainConfig
 from advdef.versions import library_versions
+
+
+# Batches prepared ahead of the model (0: on the training thread). A `prefetch` field of the
+# config, when it has one, overrides it; prefetching never changes the batches.
+PREFETCH_BATCHES = 2
 
 
 def new_run_id(config: TrainConfig) -> str:
@@ -88,6 +95,7 @@ def _session(config: TrainConfig) -> TrainingSession:
     torch.manual_seed(config.seed)  # weight initialisation
     built = build_model(config.arch, data.info, config.defense, config.dual_bn_setting)
     built.model.to(device, memory_format=memory_format(config.channels_last))
+    compile_model(built.model, config.compile)  # in place: state_dict keys unchanged
     method = TRAINING.create(config.at)
     optimizer = build_optimizer(config, built.model.parameters())
     return TrainingSession(config, data, built, method, optimizer, device)
@@ -178,11 +186,19 @@ def train_epoch(session: TrainingSession, epoch: int, reporter: Reporter) -> dic
     n_batches = (len(train) + config.batch_size - 1) // config.batch_size
     total_loss, correct, seen = 0.0, 0, 0
     model.train()
-    with reporter.task(f"epoch {epoch}/{config.epochs}", n_batches) as task:
-        batches = iterate_batches(train, config.batch_size, shuffle=True, seed=epoch_seed(config.seed, epoch),
-                                  augment=session.data.info.augment)
-        for x, y, _ in batches:
-            x, y = prepare(x, session.device, config.channels_last), y.to(session.device)
+    # Batch i+1 is shuffled, augmented and assembled (and pinned, on CUDA) on a background thread
+    # while the model trains on batch i; the producer draws from iterate_batches' own seeded
+    # generator in the sequential order, so the batches are bit-identical to unprefetched ones.
+    batches = prefetch(
+        iterate_batches(train, config.batch_size, shuffle=True, seed=epoch_seed(config.seed, epoch),
+                        augment=session.data.info.augment),
+        depth=getattr(config, "prefetch", PREFETCH_BATCHES),
+        transform=partial(pin_batch, device=session.device) if session.device.type == "cuda" else None,
+    )
+    with reporter.task(f"epoch {epoch}/{config.epochs}", n_batches) as task, closing(batches):
+        waiting = WaitClock(batches)
+        for x, y, _ in waiting:
+            x, y = prepare(x, session.device, config.channels_last), prepare(y, session.device, False)
             # Forwards feed the parameter update unless the method's crafting marks them "attack".
             with autocast(session.device, config.amp), model.phase("update"):
                 loss, logits = session.method.loss(model, x, y, session.built.defense, generator)
@@ -196,7 +212,7 @@ def train_epoch(session: TrainingSession, epoch: int, reporter: Reporter) -> dic
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             task.advance(1, status=f"loss {total_loss / seen:.3f} acc {correct / seen:.3f}")
-    return {"train_loss": total_loss / seen, "train_acc": correct / seen}
+    return {"train_loss": total_loss / seen, "train_acc": correct / seen, "data_wait_seconds": waiting.waited}
 
 
 def validate(session: TrainingSession, reporter: Reporter) -> dict[str, float]:
