@@ -491,6 +491,9 @@ def run_command(
 from advdef.analysis.cli import analyze_app  # noqa: E402  (needs the option helpers above)
 
 app.add_typer(analyze_app, name="analyze")
+from advdef.importing.cli import import_command  # noqa: E402  (needs the option helpers above)
+
+app.command("import")(import_command)
 
 
 def main() -> None:

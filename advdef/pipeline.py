@@ -68,6 +68,15 @@ def run_defense(run: dict):
 
     train_config = TrainConfig.from_json(run["config"])
     info = open_dataset(train_config.data, train_config.data_dir).info
+    factory = (run["config"].get("imported") or {}).get("model")
+    if factory:  # `advdef import --model`: the user's factory in advdef's wrapper
+        from dataclasses import replace
+
+        from advdef.importing.models import build_factory_model
+
+        declared = run["config"]["imported"]["input"]
+        info = replace(info, mean=tuple(declared["mean"]), std=tuple(declared["std"]))
+        return build_factory_model(factory, info, train_config.defense).defense
     return build_model(train_config.arch, info, train_config.defense, train_config.dual_bn_setting).defense
 
 

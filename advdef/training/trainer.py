@@ -132,6 +132,8 @@ def train(run_id: str, store: Store, reporter: Reporter | None = None) -> None:
     """Train (or resume) run `run_id` from its last complete checkpoint to its last epoch."""
     reporter = reporter or SilentReporter()
     run = store.get_run(run_id)
+    if run["config"].get("imported"):
+        raise UserError(f"run '{run_id}' was imported with `advdef import`; it cannot be trained or resumed")
     config = TrainConfig.from_json(run["config"]).validate()
     run_dir = Path(run["run_dir"])
     session = _session(config)
@@ -276,7 +278,14 @@ def load_run_model(run: dict, device: torch.device, epoch: int | None = None, ch
     if not card_path.exists():
         raise UserError(f"checkpoint of epoch {chosen} of run '{run['run_id']}' is missing at {card_path}")
     card = checkpoint.read_card(card_path)
-    built = build_model(card["arch"], DataInfo.from_json(card["data"]), card["defense"], card.get("dual_bn", "off"))
+    if card.get("imported"):  # `advdef import`: possibly a user factory model (advdef.importing)
+        from advdef.importing.models import build_from_card
+
+        built = build_from_card(card)
+        # A user's network may reshape with .view, which channels_last activations break.
+        channels_last = channels_last and not card["imported"].get("model")
+    else:
+        built = build_model(card["arch"], DataInfo.from_json(card["data"]), card["defense"], card.get("dual_bn", "off"))
     built.model.load_state_dict(checkpoint.load_weights(card_path))
     built.model.to(device, memory_format=memory_format(channels_last)).eval()
     return built, card
