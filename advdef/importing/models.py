@@ -17,7 +17,7 @@ from torch import nn
 
 from advdef.data.base import DataInfo
 from advdef.errors import UserError
-from advdef.models import BuiltModel, Classifier, count_parameters
+from advdef.models import BuiltModel, Classifier, attach_defense, count_parameters
 from advdef.models.base import Tap
 from advdef.registry import DEFENSES
 
@@ -94,13 +94,7 @@ def build_factory_model(spec: dict[str, Any], info: DataInfo, defense: str = "no
     model = ImportedClassifier(net, info, spec.get("logits_key"))
     model.arch = FACTORY_PREFIX + spec["factory"]
     backbone = count_parameters(model)
-    defense_plugin = DEFENSES.create(defense)
-    try:
-        defense_plugin.attach(model)
-    except UserError:
-        raise
-    except (ValueError, KeyError) as error:
-        raise UserError(f"defense '{defense}' cannot be attached to a factory model: {error}") from None
+    defense_plugin = attach_defense(model, defense, "a factory model")
     return BuiltModel(model, defense_plugin, model.arch, DEFENSES.canonical(defense), backbone)
 
 

@@ -7,6 +7,8 @@ from typing import Any
 
 from advdef.data.base import DataInfo
 from advdef.models import preact_resnet, resnet, smallcnn, vgg, wide_resnet  # noqa: F401  (registration)
+from torch import nn
+
 from advdef.models.base import Classifier, Tap, count_parameters
 from advdef.models.dual_bn import DUAL_BN_CHOICES, convert_to_dual_bn
 from advdef.errors import UserError
@@ -33,6 +35,19 @@ class BuiltModel:
         return self.params_total - self.params_backbone
 
 
+def attach_defense(model: nn.Module, defense: str, target: str):
+    """Create the defense plugin and attach it to `model`; a defense that cannot attach (e.g. an
+    insertion point `target` lacks) is a one-line UserError."""
+    defense_plugin = DEFENSES.create(defense)
+    try:
+        defense_plugin.attach(model)
+    except UserError:
+        raise
+    except (ValueError, KeyError) as error:
+        raise UserError(f"defense '{defense}' cannot be attached to {target}: {error}") from None
+    return defense_plugin
+
+
 def build_model(arch: str, info: DataInfo, defense: str = "none", dual_bn: str = "off") -> BuiltModel:
     """Build `arch` for the dataset's shape and classes, then apply the defense's surgery.
 
@@ -49,13 +64,7 @@ def build_model(arch: str, info: DataInfo, defense: str = "none", dual_bn: str =
     model = Classifier(net, info.mean, info.std, info.input_shape, info.num_classes)
     model.arch = plugin.name  # defenses pick their per-architecture default insertion points by it
     backbone_params = count_parameters(model)
-    defense_plugin = DEFENSES.create(defense)
-    try:
-        defense_plugin.attach(model)
-    except UserError:
-        raise
-    except ValueError as error:  # e.g. an insertion point this architecture does not have
-        raise UserError(f"defense '{defense}' cannot be attached to '{arch_spec}': {error}") from None
+    defense_plugin = attach_defense(model, defense, f"'{arch_spec}'")
     if dual_bn != "off":
         try:
             convert_to_dual_bn(model, dual_bn)
