@@ -93,4 +93,21 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE eval_attacks ADD COLUMN backwards INTEGER NOT NULL DEFAULT 0;
         """,
     ),
+    (
+        # Sharded evaluation (`advdef evaluate --shard K/N`, or torchrun ranks): which processes
+        # share an evaluation and whether each finished its part. The outcomes stay the truth
+        # (an attack is complete when every sample has its row); this table names who is missing.
+        "0004_shards",
+        """
+        CREATE TABLE eval_shards (
+            eval_id INTEGER NOT NULL REFERENCES evaluations(eval_id),
+            shard INTEGER NOT NULL,           -- K of K/N, 1-based
+            shards INTEGER NOT NULL,          -- N of K/N
+            status TEXT NOT NULL CHECK (status IN ('running', 'done')),
+            host TEXT NOT NULL,               -- hostname:pid of the process that last ran it
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (eval_id, shard, shards)
+        );
+        """,
+    ),
 ]

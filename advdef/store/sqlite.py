@@ -24,7 +24,7 @@ from advdef.store.schema import MIGRATIONS
 DEFAULT_STORE = "advdef.sqlite"
 _JSON_COLUMNS = {"config", "versions", "metrics", "protocol", "details", "sample_ids", "detail"}
 VERDICTS = ("pass", "fail", "skipped")
-_TABLES = ("runs", "checkpoints", "evaluations", "eval_attacks", "outcomes", "checks")
+_TABLES = ("runs", "checkpoints", "evaluations", "eval_attacks", "outcomes", "checks", "eval_shards")
 _RUN_FIELDS = {"status", "epochs_done", "best_epoch", "train_seconds", "config"}
 
 
@@ -197,12 +197,40 @@ class Store:
                     (eval_id, attack, position, json.dumps(details, sort_keys=True)),
                 )
 
-    def finish_attack(self, eval_id: int, attack: str, details: dict) -> None:
+    def finish_attack(self, eval_id: int, attack: str, details: dict) -> bool:
+        """Store an attack's details and mark it done once every sample has its outcome row.
+
+        Shards of one evaluation each finish their part: the attack becomes 'done' only when the
+        last part lands, and the warnings every shard saw are kept together. Returns whether the
+        attack is complete.
+        """
         with self.atomic():
+            row = self.conn.execute(
+                "SELECT details FROM eval_attacks WHERE eval_id = ? AND attack = ?", (eval_id, attack)
+            ).fetchone()
+            earlier = json.loads(row[0]).get("warnings", []) if row is not None else []
+            if "warnings" in details or earlier:
+                details = {**details, "warnings": sorted(set(earlier) | set(details.get("warnings", [])))}
+            stored, expected = self.conn.execute(
+                "SELECT (SELECT COUNT(*) FROM outcomes WHERE eval_id = ? AND attack = ?),"
+                " (SELECT n FROM evaluations WHERE eval_id = ?)",
+                (eval_id, attack, eval_id),
+            ).fetchone()
+            complete = stored >= expected
             self.conn.execute(
-                "UPDATE eval_attacks SET status = 'done', details = ? WHERE eval_id = ? AND attack = ?",
-                (json.dumps(details, sort_keys=True), eval_id, attack),
+                "UPDATE eval_attacks SET status = ?, details = ? WHERE eval_id = ? AND attack = ?",
+                ("done" if complete else "running", json.dumps(details, sort_keys=True), eval_id, attack),
             )
+            return complete
+
+    def outcome_counts(self, eval_id: int) -> dict[str, int]:
+        """Outcome rows stored per attack of an evaluation (an attack is complete at the evaluation's n)."""
+        return {
+            row[0]: int(row[1])
+            for row in self.conn.execute(
+                "SELECT attack, COUNT(*) FROM outcomes WHERE eval_id = ? GROUP BY attack", (eval_id,)
+            )
+        }
 
     def record_outcomes(
         self,
@@ -255,6 +283,43 @@ class Store:
     def checks(self, eval_id: int) -> list[dict[str, Any]]:
         """An evaluation's sanity checks, in the order they were first recorded."""
         return self._rows("SELECT * FROM checks WHERE eval_id = ? ORDER BY rowid", (eval_id,))
+
+    # -- shards of an evaluation -------------------------------------------------------
+    def register_shard(self, eval_id: int, shard: int, shards: int, host: str) -> None:
+        """Record that shard K/N of an evaluation is running here (again, after a restart).
+
+        Shards split each attack's batches by their count N, so processes with different N would
+        leave batches to nobody: a second N is refused while a shard of another N is unfinished.
+        """
+        with self.atomic():
+            other = self.conn.execute(
+                "SELECT shard, shards FROM eval_shards WHERE eval_id = ? AND shards != ? AND status = 'running'"
+                " ORDER BY shard",
+                (eval_id, shards),
+            ).fetchone()
+            if other is not None:
+                raise UserError(
+                    f"evaluation {eval_id} is being sharded as {other[0]}/{other[1]}, which is unfinished; "
+                    f"use --shard K/{other[1]} (K in 1..{other[1]}) until every shard is done"
+                )
+            self.conn.execute(
+                "INSERT INTO eval_shards (eval_id, shard, shards, status, host, updated_at)"
+                " VALUES (?, ?, ?, 'running', ?, ?)"
+                " ON CONFLICT (eval_id, shard, shards) DO UPDATE SET status = excluded.status,"
+                " host = excluded.host, updated_at = excluded.updated_at",
+                (eval_id, shard, shards, host, now()),
+            )
+
+    def finish_shard(self, eval_id: int, shard: int, shards: int) -> None:
+        with self.atomic():
+            self.conn.execute(
+                "UPDATE eval_shards SET status = 'done', updated_at = ? WHERE eval_id = ? AND shard = ? AND shards = ?",
+                (now(), eval_id, shard, shards),
+            )
+
+    def shards(self, eval_id: int) -> list[dict[str, Any]]:
+        """The shards registered for an evaluation, by N then K."""
+        return self._rows("SELECT * FROM eval_shards WHERE eval_id = ? ORDER BY shards, shard", (eval_id,))
 
     def table(self, name: str) -> list[dict[str, Any]]:
         """All rows of one table (for CSV/JSON export)."""
