@@ -332,6 +332,8 @@ def evaluate(
     eot: Annotated[Optional[int], typer.Option("--eot", help="Gradient samples per step for attacks that take eot (default 20 for a stochastic defense, else 1).")] = None,
     checks: Annotated[bool, typer.Option("--checks/--no-checks", help="Run the gradient-masking sanity checks after the attacks.")] = True,
     n_check: Annotated[int, typer.Option("--n-check", help="Samples the sanity checks attack.")] = 100,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="Run shard K of N (e.g. 2/4) of each evaluation: N processes on N GPUs or machines, sharing one --store, together give the unsharded outcomes. Under torchrun each rank takes its shard.")] = None,
+    shard_wait: Annotated[Optional[float], typer.Option("--shard-wait", help="Seconds a shard waits for the others between attacks before giving up (default: no limit).")] = None,
     store_path: StoreOption = None,
 ) -> None:
     """Measure robust accuracy per attack and the per-sample worst case, then run sanity checks; resumable."""
@@ -340,6 +342,7 @@ def evaluate(
 
     from advdef.evaluation.batching import check_batch_size
     from advdef.evaluation.precision import check_amp
+    from advdef.evaluation.sharding import ALL, from_environment, parse_shard
     from advdef.evaluation.suites import SUITES
 
     if suite is not None and suite not in SUITES:
@@ -349,12 +352,20 @@ def evaluate(
     combined = ",".join(part for part in (attacks, suite) if part)
     config = _eval_config(combined, n, eps, seed, check_batch_size(batch_size), limit_test, data_dir, download, device,
                           epoch, eot=eot, checks=checks, n_check=n_check, amp=check_amp(amp, amp_check_n),
-                          amp_check_n=amp_check_n, compile=compile)
+                          amp_check_n=amp_check_n, compile=compile,
+                          shard=parse_shard(shard) if shard is not None else (from_environment() or ALL),
+                          shard_wait=shard_wait)
+    if shard_wait is not None and shard_wait < 0:
+        raise UserError("--shard-wait must be at least 0 seconds")
     store = _open_store(store_path)
     with _reporter() as reporter:
         eval_ids = pipeline.evaluate(store, config, run, reporter)
     if not eval_ids:
         _stderr().print("nothing to evaluate: every trained run already has these attacks (or no run is trained)")
+        return
+    if not config.shard.leader:  # shard 1 prints the tables once the evaluation is complete
+        _stderr().print(f"shard {config.shard} done: evaluation(s) {', '.join(map(str, eval_ids))}; "
+                        "`advdef report` shows them once every shard has finished")
         return
     run_ids = sorted({e["run_id"] for e in store.evaluations() if e["eval_id"] in eval_ids})
     print_rich(comparison_tables(store, run_ids), stdout)
@@ -413,7 +424,7 @@ def report(
     store_path: StoreOption = None,
 ) -> None:
     """Comparison tables of the evaluations in the store, one table per protocol."""
-    from advdef.report import comparison_tables, print_rich, to_csv, to_json, to_latex, to_markdown
+    from advdef.report import comparison_tables, print_rich, refused_evaluations, to_csv, to_json, to_latex, to_markdown
     from advdef.report.filters import parse_group_by, parse_where
 
     chosen = [name for name, flag in zip(REPORT_FORMATS, (markdown, csv, latex, as_json, as_html)) if flag]
@@ -426,10 +437,13 @@ def report(
     for run_id in run or []:
         store.get_run(run_id)
     tables = comparison_tables(store, run, where=conditions, group_by=groups, sort=sort, published=published)
+    refused = refused_evaluations(store, run)
+    for line in refused:
+        _stderr().print(f"refused: {line}", highlight=False)
     if not tables:
-        _stderr().print("no evaluations match; run advdef evaluate first" if not (where or run)
-                        else "no evaluations match the filters")
-        return
+        _stderr().print("no evaluations match; run advdef evaluate first" if not (where or run or refused)
+                        else "no complete evaluations match" if refused else "no evaluations match the filters")
+        raise typer.Exit(1 if refused else 0)
     if plots is not None:
         from advdef.report.html import report_plots
 
@@ -447,15 +461,17 @@ def report(
             out.write_text(text)
         else:
             sys.stdout.write(text)
-        return
-    console = Console(file=out.open("w"), width=240) if out is not None else stdout
-    print_rich(tables, console, compact=compact)
+    else:
+        console = Console(file=out.open("w"), width=240) if out is not None else stdout
+        print_rich(tables, console, compact=compact)
+    if refused:  # the tables shown are complete, but some evaluations were held back
+        raise typer.Exit(1)
 
 
 @app.command("export")
 @handles_user_errors
 def export(
-    table: Annotated[str, typer.Argument(help="runs, checkpoints, evaluations, eval_attacks, outcomes or checks.")],
+    table: Annotated[str, typer.Argument(help="runs, checkpoints, evaluations, eval_attacks, outcomes, checks or eval_shards.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="CSV file (default stdout).")] = None,
     store_path: StoreOption = None,
 ) -> None:

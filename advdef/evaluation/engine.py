@@ -16,6 +16,9 @@ Rules that keep numbers honest:
   through the model (advdef.evaluation.cost), the re-scoring forward included; skipped samples
   cost nothing, and the sanity checks are not counted.
 
+Sharding (`shard`, advdef.evaluation.sharding): N processes run each attack's batches K-1 mod N
+of the unsharded layout, in step through the store, so the outcomes equal the unsharded ones.
+
 Speed options that never change results (docs/evaluation.md, "Speed without weakening"):
 `batch_size="auto"` and out-of-memory retries (advdef.evaluation.batching), `amp` with its fp32
 cross-check (advdef.evaluation.precision), `compile` (advdef.device.compile_model).
@@ -42,6 +45,7 @@ from advdef.device import compile_model, prepare, select_device
 from advdef.errors import UserError
 from advdef.evaluation import batching, precision
 from advdef.evaluation.cost import PassCounter
+from advdef.evaluation.sharding import ALL, Shard, host_label, wait_until_complete
 from advdef.evaluation.suites import SuiteContext, expand, is_keyword
 from advdef.progress import Reporter, SilentReporter
 from advdef.registry import ATTACKS
@@ -77,6 +81,10 @@ class EvalConfig:
     amp: str = "off"
     amp_check_n: int = precision.DEFAULT_CHECK_N
     compile: bool = False  # torch.compile the model's forward (eager fallback if compiling fails)
+    # This process's share of the batches (--shard K/N, or the torchrun rank) and how long it
+    # waits for the other shards before giving up (None: for ever).
+    shard: Shard = ALL
+    shard_wait: float | None = None
 
     def canonical_attacks(self, context: SuiteContext | None = None) -> list[str]:
         """Canonical attack specs with every parameter resolved (eps excluded: it is the protocol's).
@@ -199,31 +207,53 @@ def evaluate_run(store: Store, run_id: str, config: EvalConfig, reporter: Report
     eval_id = store.get_or_create_evaluation(
         run_id, protocol_key(target.protocol), target.protocol, target.samples.ids.tolist()
     )
+    shard = config.shard
+    if shard.sharded:
+        store.register_shard(eval_id, shard.index, shard.count, host_label())
     with eval_mode(target.model) as view:
         target.view = view
         run_clean(store, eval_id, target, config, reporter)
         for spec in attacks:
             run_attack(store, eval_id, target, spec, config, reporter, suite=context.origins.get(spec))
-        precision.cross_check(store, eval_id, target, config, reporter)  # --amp only; raises if it fails
-        if config.checks:
-            from advdef.evaluation.checks import run_checks
+        if shard.leader:  # once per evaluation, on the complete outcomes
+            wait_until_complete(store, eval_id, [CLEAN, *attacks], len(target.samples), shard, reporter,
+                                config.shard_wait)
+            precision.cross_check(store, eval_id, target, config, reporter)  # --amp only; raises if it fails
+            if config.checks:
+                from advdef.evaluation.checks import run_checks
 
-            run_checks(store, eval_id, target, config, reporter, n_check=config.n_check)
+                run_checks(store, eval_id, target, config, reporter, n_check=config.n_check)
+    if shard.sharded:
+        store.finish_shard(eval_id, shard.index, shard.count)
     return eval_id
 
 
-def _batches(positions: torch.Tensor, batch_size: int):
-    for start in range(0, len(positions), batch_size):
-        yield positions[start : start + batch_size]
+def _batches(positions: torch.Tensor, batch_size: int, shard: Shard = ALL):
+    """The batches of `positions` this shard runs: the unsharded layout's, index K-1 mod N."""
+    for index, start in enumerate(range(0, len(positions), batch_size)):
+        if shard.owns(index):
+            yield positions[start : start + batch_size]
+
+
+def _owned_count(total: int, batch_size: int, shard: Shard) -> int:
+    """How many of `total` positions fall in this shard's batches (for progress bars)."""
+    return sum(min(batch_size, total - start) for index, start in enumerate(range(0, total, batch_size))
+               if shard.owns(index))
 
 
 def run_clean(store: Store, eval_id: int, target: EvaluationTarget, config: EvalConfig, reporter: Reporter) -> None:
     done = {row["sample_id"] for row in store.outcomes(eval_id, CLEAN)}
     store.start_attack(eval_id, CLEAN, {"implementation": "advdef"})
     samples = target.samples
-    todo = torch.tensor([i for i, sid in enumerate(samples.ids.tolist()) if sid not in done], dtype=torch.long)
-    with reporter.task(f"{target.run['run_id']}: clean", len(todo)) as task:
-        for positions in _batches(todo, config.batch_size):
+    # Fixed batches over every sample (a stored batch is skipped), so shards and resumed runs
+    # meet the same batches — and a stochastic model the same per-batch seeds — as one whole run.
+    everything = torch.arange(len(samples))
+    with reporter.task(f"{target.run['run_id']}: clean{_shard_label(config.shard)}",
+                       _owned_count(len(samples), config.batch_size, config.shard)) as task:
+        for positions in _batches(everything, config.batch_size, config.shard):
+            if all(int(sid) in done for sid in samples.ids[positions]):
+                task.advance(len(positions))
+                continue
             started = time.perf_counter()
             x = prepare(samples.float_images(positions), target.device, True)
 
@@ -244,12 +274,21 @@ def run_clean(store: Store, eval_id: int, target: EvaluationTarget, config: Eval
     store.finish_attack(eval_id, CLEAN, {"implementation": "advdef"})
 
 
+def _shard_label(shard: Shard) -> str:
+    return f" [shard {shard}]" if shard.sharded else ""
+
+
+def earlier_attacks(store: Store, eval_id: int, spec: str) -> list[str]:
+    """The attacks (the clean pass included) that ran before `spec` in this evaluation's order."""
+    attacks = store.eval_attacks(eval_id)
+    this = next((a for a in attacks if a["attack"] == spec), None)
+    return [a["attack"] for a in attacks if a["attack"] != spec and (this is None or a["position"] < this["position"])]
+
+
 def eligible_positions(store: Store, eval_id: int, target: EvaluationTarget, spec: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(positions to attack, positions skipped): skipped = clean-wrong or broken by an earlier attack."""
     positions_of = {int(sid): i for i, sid in enumerate(target.samples.ids.tolist())}
-    attacks = store.eval_attacks(eval_id)
-    this = next((a for a in attacks if a["attack"] == spec), None)
-    earlier = [a["attack"] for a in attacks if this is None or a["position"] < this["position"]]
+    earlier = earlier_attacks(store, eval_id, spec)
     alive = torch.zeros(len(target.samples), dtype=torch.bool)
     for row in store.outcomes(eval_id, CLEAN):
         if row["robust"] == 1 and row["sample_id"] in positions_of:
@@ -278,6 +317,8 @@ def run_attack(
     store.start_attack(eval_id, spec, details)
     if any(a["attack"] == spec and a["status"] == "done" for a in store.eval_attacks(eval_id)):
         return
+    # Which samples are still robust depends on every shard's outcomes of the earlier attacks.
+    wait_until_complete(store, eval_id, earlier_attacks(store, eval_id, spec), len(target.samples), config.shard, reporter, config.shard_wait)
     attack_positions, skipped = eligible_positions(store, eval_id, target, spec)
     samples = target.samples
     done = {row["sample_id"] for row in store.outcomes(eval_id, spec)}
@@ -291,9 +332,10 @@ def run_attack(
         attack.bind(AttackContext(model=target.model, defense=target.defense, run=target.run,
                                   device=target.device, store=store))
     warnings: list[str] = []
-    with reporter.task(f"{target.run['run_id']}: {spec.split(':')[0]}", len(attack_positions)) as task:
+    label = f"{target.run['run_id']}: {spec.split(':')[0]}{_shard_label(config.shard)}"
+    with reporter.task(label, _owned_count(len(attack_positions), config.batch_size, config.shard)) as task:
         broken_total = 0
-        for positions in _batches(attack_positions, config.batch_size):
+        for positions in _batches(attack_positions, config.batch_size, config.shard):
             ids = samples.ids[positions]
             if int(ids[0]) in done:  # this batch was stored before an interruption
                 task.advance(len(positions))

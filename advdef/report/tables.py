@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from advdef.evaluation.sharding import refusal
 from advdef.evaluation.summary import EvalSummary, summarize
 from advdef.report.filters import Condition, SortOrder, parse_sort
 from advdef.report.rows import (
@@ -151,6 +152,8 @@ def comparison_tables(
     """
     buckets: dict[str, tuple[dict, dict, list[EvalSummary]]] = {}
     for evaluation in store.evaluations():
+        if refusal(store, evaluation) is not None:  # shards missing: `refused_evaluations` says which
+            continue
         summary = summarize(store, evaluation["eval_id"])
         fields = run_fields(summary)
         protocol = protocol_of(summary)
@@ -170,6 +173,17 @@ def comparison_tables(
     if len(tables) > 1:
         _note_protocol_differences(tables)
     return tables
+
+
+def refused_evaluations(store: Store, run_ids: list[str] | None = None) -> list[str]:
+    """One line per evaluation (of `run_ids`, or all) left out of the tables for missing shards."""
+    lines = []
+    for evaluation in store.evaluations():
+        if run_ids is None or evaluation["run_id"] in run_ids:
+            reason = refusal(store, evaluation)
+            if reason is not None:
+                lines.append(reason)
+    return lines
 
 
 def _selected(row: ReportRow, run_ids: list[str] | None, where: list[Condition]) -> bool:
