@@ -54,19 +54,26 @@ def handles_user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # Options shared by several commands.
+# A string, not a Path: Path would fold a postgresql:// URL's '//' into '/'.
 StoreOption = Annotated[
-    Optional[Path], typer.Option("--store", help="SQLite store (default: $ADVDEF_STORE or ./advdef.sqlite).")
+    Optional[str],
+    typer.Option(
+        "--store",
+        help="SQLite file, or postgresql://user:pass@host/db for a store shared by many machines "
+        "(default: $ADVDEF_STORE or ./advdef.sqlite).",
+    ),
 ]
-RunsDirOption = Annotated[Optional[Path], typer.Option("--runs-dir", help="Checkpoint folder (default: runs/ beside the store).")]
+RunsDirOption = Annotated[Optional[Path], typer.Option("--runs-dir", help="Checkpoint folder (default: runs/ beside an SQLite store, ./runs for a PostgreSQL one).")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 DataDirOption = Annotated[Optional[str], typer.Option("--data-dir", help="Where torchvision datasets live (default ./data).")]
 DownloadOption = Annotated[bool, typer.Option("--download", help="Let torchvision download the dataset (needs internet).")]
 
 
-def _open_store(path: Path | None):
-    from advdef.store import Store
+def _open_store(location: str | Path | None):
+    """The store at --store (a path or a postgresql:// URL), else $ADVDEF_STORE, else ./advdef.sqlite."""
+    from advdef.store import open_store
 
-    return Store(path) if path is not None else Store()
+    return open_store(location)
 
 
 def _eps(text: str):

@@ -28,12 +28,8 @@ from advdef.training.trainer import open_dataset, start_run
 
 
 def runs_dir_for(store: Store, runs_dir: str | Path | None) -> Path:
-    """Checkpoints go beside the store unless told otherwise."""
-    if runs_dir is not None:
-        return Path(runs_dir)
-    if store.path == ":memory:":
-        raise ValueError("an in-memory store needs an explicit runs_dir")
-    return Path(store.path).expanduser().resolve().parent / "runs"
+    """Checkpoints go beside an SQLite store (./runs for a server store) unless told otherwise."""
+    return Path(runs_dir) if runs_dir is not None else store.default_runs_dir()
 
 
 def pending_runs(store: Store, config: EvalConfig) -> list[str]:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
 import torch
@@ -68,3 +72,40 @@ def eval_store(trained_store, tmp_path) -> tuple[Store, dict[str, str]]:
     copy = tmp_path / "copy.sqlite"
     shutil.copy(path, copy)
     return Store(copy), runs
+
+
+# -- PostgreSQL stores --------------------------------------------------------------------------
+POSTGRES_ENV = "ADVDEF_TEST_POSTGRES"  # a server URL whose role may CREATE SCHEMA; .ci/run sets it
+
+
+def with_search_path(url: str, schema: str) -> str:
+    """The URL with the session's search_path set to one schema, so a store's tables land there."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "options"] + [("options", f"-csearch_path={schema}")]
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), parts.fragment))
+
+
+@pytest.fixture()
+def postgres_url() -> Iterator[str]:
+    """A store URL on the test server, in a fresh empty schema of its own that is dropped afterwards.
+
+    Skips (saying why) without $ADVDEF_TEST_POSTGRES, psycopg or a reachable server, so the suite
+    runs anywhere; .ci/run installs and starts a server so CI runs these tests for real.
+    """
+    server = os.environ.get(POSTGRES_ENV)
+    if not server:
+        pytest.skip(f"no PostgreSQL test server: set {POSTGRES_ENV}=postgresql://... (.ci/run does)")
+    psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed: pip install 'advdef[postgres]'")
+    from psycopg import sql
+
+    try:
+        admin = psycopg.connect(server, autocommit=True, connect_timeout=5)
+    except psycopg.Error as error:
+        pytest.skip(f"PostgreSQL test server unreachable: {str(error).strip().splitlines()[0]}")
+    schema = f"advdef_test_{uuid.uuid4().hex[:12]}"
+    with admin:
+        admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        try:
+            yield with_search_path(server, schema)
+        finally:
+            admin.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))

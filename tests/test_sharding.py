@@ -130,7 +130,7 @@ def _copy(trained_store, target: Path) -> Path:
     return target
 
 
-def _outcomes(store_path: Path, run_id: str) -> list[tuple]:
+def _outcomes(store_path: Path | str, run_id: str) -> list[tuple]:
     with Store(store_path) as opened:
         (evaluation,) = opened.evaluations(run_id)
         return [(r["attack"], r["sample_id"], r["label"], r["robust"], r["prediction"])
@@ -146,7 +146,7 @@ def _unsharded(trained_store, tmp_path: Path) -> list[tuple]:
     return _outcomes(reference, runs["pgd_at"])
 
 
-def _command(store_path: Path, run_id: str, *extra: str) -> list[str]:
+def _command(store_path: Path | str, run_id: str, *extra: str) -> list[str]:
     # "--" ends torchrun's own options: it would take --run and --n for abbreviations of its own.
     return ["-m", "advdef", "--", "evaluate", "--run", run_id, "--attacks", ATTACKS_CLEAN, "--n", "60",
             "--batch-size", "8", "--device", "cpu", "--store", str(store_path), *extra]
@@ -191,3 +191,30 @@ def test_torchrun_ranks_shard_automatically(trained_store, tmp_path):
     with Store(sharded) as store:
         (evaluation,) = store.evaluations(runs["pgd_at"])
         assert [(s["shard"], s["shards"]) for s in store.shards(evaluation["eval_id"])] == [(1, 2), (2, 2)]
+
+
+def test_shards_on_a_shared_postgresql_store_equal_the_unsharded_evaluation(trained_store, tmp_path, postgres_url):
+    """Many machines' case: two shard processes writing to one PostgreSQL store."""
+    path, runs = trained_store
+    run_id = runs["pgd_at"]
+    expected = _unsharded(trained_store, tmp_path)
+    with Store(path) as source, Store(postgres_url) as shared:  # the trained run, registered on the server
+        run = source.get_run(run_id)
+        shared.insert_run({k: run[k] for k in ("run_id", "created_at", "status", "dataset", "arch", "defense",
+                                                "at_method", "seed", "run_dir", "config", "versions")})
+        for checkpoint in source.checkpoints(run_id):
+            shared.record_checkpoint(run_id, checkpoint["epoch"], checkpoint["path"], checkpoint["metrics"],
+                                     checkpoint["seconds"])
+        shared.update_run(run_id, epochs_done=run["epochs_done"], best_epoch=run["best_epoch"])
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    processes = [
+        subprocess.Popen([sys.executable, *_command(postgres_url, run_id, "--shard", f"{k}/2", "--no-checks")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for k in (1, 2)
+    ]
+    for process in processes:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err
+    assert _outcomes(postgres_url, run_id) == expected
+    with Store(postgres_url) as shared:
+        assert refused_evaluations(shared) == []

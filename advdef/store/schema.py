@@ -3,9 +3,13 @@
 The schema is a contract: rows never grow it. Outcomes are one row per (evaluation, attack,
 sample) so every aggregate — per-attack accuracy, worst case, per class, paired tests — is
 derived from the same facts.
+
+Migrations are written in SQLite's dialect; the PostgreSQL backend widens the types
+(advdef.store.postgres.translate_ddl). A migration that cannot be said once is a dict of one
+script per dialect ('sqlite', 'postgresql').
 """
 
-MIGRATIONS: list[tuple[str, str]] = [
+MIGRATIONS: list[tuple[str, str | dict[str, str]]] = [
     (
         "0001_initial",
         """
@@ -109,5 +113,18 @@ MIGRATIONS: list[tuple[str, str]] = [
             PRIMARY KEY (eval_id, shard, shards)
         );
         """,
+    ),
+    (
+        # checks() lists an evaluation's checks in the order first recorded. That was SQLite's
+        # rowid, which PostgreSQL lacks: the order becomes a column (existing rows keep their
+        # rowid order; a re-recorded check keeps its place).
+        "0005_check_order",
+        {
+            "sqlite": """
+                ALTER TABLE checks ADD COLUMN position INTEGER NOT NULL DEFAULT 0;
+                UPDATE checks SET position = rowid;
+            """,
+            "postgresql": "ALTER TABLE checks ADD COLUMN position INTEGER NOT NULL DEFAULT 0",
+        },
     ),
 ]
