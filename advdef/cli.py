@@ -160,6 +160,7 @@ def info(
 @app.command()
 @handles_user_errors
 def train(
+    ctx: typer.Context,
     preset: Annotated[Optional[str], typer.Option("--preset", help="Paper training recipe (advdef list presets): options left unset take its values, then the defaults shown.")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Dataset spec: digits (embedded, offline), cifar10, svhn, imagefolder:PATH, ... (default digits; with --preset cifar10)")] = None,
     arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture spec. (default smallcnn)")] = None,
@@ -186,14 +187,12 @@ def train(
     channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last")] = True,
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA (no effect on CPU).")] = True,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model's forward (same weights and checkpoint keys; falls back to eager with a warning if compiling fails).")] = False,
+    nproc: Annotated[Optional[int], typer.Option("--nproc", help="Data-parallel training with N processes on this machine (re-runs this command under torchrun: one GPU each on CUDA, gloo on CPU). Under torchrun, leave it out.")] = None,
+    sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn/--no-sync-bn", help="Data-parallel runs: BatchNorm statistics over the global batch (the single-process model). (default off)")] = None,
     store_path: StoreOption = None,
     runs_dir: RunsDirOption = None,
 ) -> None:
     """Train a model (any defense x AT method x architecture); checkpoints every epoch, resumable."""
-    from advdef.pipeline import runs_dir_for
-    from advdef.training.trainer import start_run
-    from advdef.training.trainer import train as resume_training
-
     if resume is not None and preset is not None:
         raise UserError("--resume continues a run with its stored config; drop --preset")
     options = dict(
@@ -201,20 +200,53 @@ def train(
         lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, lr_decay=lr_decay, seed=seed,
         limit_train=limit_train, val_fraction=val_fraction, select=select, dual_bn=dual_bn, data_dir=data_dir,
         download=download,
-        device=device, channels_last=channels_last, amp=amp, compile=compile,
+        device=device, channels_last=channels_last, amp=amp, compile=compile, sync_bn=sync_bn,
     )
-    store = _open_store(store_path)
-    with _reporter() as reporter:
+    if nproc is not None:
+        from advdef.training.launch import check_nproc, relaunch
+
+        check_nproc(nproc)
+        if resume is None:  # mistakes in the options end here, before N processes start
+            config = _train_config(preset, milestones, options)
+            if config.batch_size < nproc:
+                raise UserError(f"--batch-size {config.batch_size} is smaller than --nproc {nproc}; "
+                                "each process needs at least one example per batch")
+        raise typer.Exit(relaunch(ctx, nproc, ["train"]))
+    from advdef.training.distributed import distributed_session
+
+    with distributed_session() as dist:  # torchrun's process group, or a single process
+        try:
+            _train_ranks(dist, resume, preset, milestones, options, store_path, runs_dir)
+        except UserError:
+            if dist.is_main:
+                raise
+            raise typer.Exit(code=2) from None  # rank 0 prints the error once
+
+
+def _train_ranks(dist: Any, resume: Optional[str], preset: Optional[str], milestones: Optional[str],
+                 options: dict[str, Any], store_path: Optional[Path], runs_dir: Optional[Path]) -> None:
+    """`train` on this process: rank 0 (or the only process) uses the store and reports; the other
+    torchrun ranks train silently without opening the store."""
+    from contextlib import nullcontext
+
+    from advdef.pipeline import runs_dir_for
+    from advdef.progress import SilentReporter
+    from advdef.training.trainer import start_run
+    from advdef.training.trainer import train as resume_training
+
+    config = _train_config(preset, milestones, options) if resume is None else None
+    store = _open_store(store_path) if dist.is_main else None
+    with _reporter() if dist.is_main else nullcontext(SilentReporter()) as reporter:
         if resume is not None:
             resume_training(resume, store, reporter)
             run_id = resume
         else:
-            config = _train_config(preset, milestones, options)
             if config.preset is not None:
                 reporter.message(_recipe_line(config))
-            run_id = start_run(config, store, runs_dir_for(store, runs_dir), reporter)
-    run = store.get_run(run_id)
-    typer.echo(f"run {run_id}: {run['epochs_done']} epochs, best epoch {run['best_epoch']}, store {store.path}")
+            run_id = start_run(config, store, runs_dir_for(store, runs_dir) if store is not None else None, reporter)
+    if store is not None:
+        run = store.get_run(run_id)
+        typer.echo(f"run {run_id}: {run['epochs_done']} epochs, best epoch {run['best_epoch']}, store {store.path}")
 
 
 def _train_config(preset: Optional[str], milestones: Optional[str], options: dict[str, Any]) -> TrainConfig:

@@ -147,15 +147,42 @@ def augment_batch(images: torch.Tensor, mode: str, generator: torch.Generator, p
     """
     if mode == "none":
         return images
+    return apply_augmentation(images, augmentation_draws(len(images), mode, generator, padding), padding)
+
+
+def augmentation_draws(
+    n: int, mode: str, generator: torch.Generator, padding: int = 4
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`augment_batch`'s random draws for `n` images: (crop offsets N x 2, flips N or None).
+
+    Separate from applying them so a data-parallel rank can draw for the whole global batch (the
+    generator advances as in one process) and augment only its own rows.
+    """
+    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator)
+    flips = torch.rand(n, generator=generator) < 0.5 if mode == "crop_flip" else None
+    return offsets, flips
+
+
+def apply_augmentation(
+    images: torch.Tensor, draws: tuple[torch.Tensor, torch.Tensor | None], padding: int = 4
+) -> torch.Tensor:
+    """Crop (and flip) each image as `draws` (one row per image) say."""
+    offsets, flips = draws
     n, _, height, width = images.shape
     padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
-    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator)
     windows = padded.unfold(2, height, 1).unfold(3, width, 1)  # N, C, top, left, H, W (a view)
     out = windows[torch.arange(n), :, offsets[:, 0], offsets[:, 1]]
-    if mode == "crop_flip":
-        flip = torch.rand(n, generator=generator) < 0.5
-        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    if flips is not None:
+        out = torch.where(flips[:, None, None, None], out.flip(-1), out)
     return out
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows [start, stop) of an n-row batch that rank `rank` of `world_size` holds: contiguous
+    shares in rank order, sizes differing by at most one (the first n % world_size get one more)."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
 
 
 def iterate_batches(
@@ -165,15 +192,28 @@ def iterate_batches(
     shuffle: bool = False,
     seed: int = 0,
     augment: str = "none",
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield (float images in [0,1], labels, ids) batches; shuffling/augmentation seeded by `seed`."""
+    """Yield (float images in [0,1], labels, ids) batches; shuffling/augmentation seeded by `seed`.
+
+    `shard=(rank, world_size)` is the data-parallel sampler: every rank draws the same global
+    order and augmentation for each global batch of `batch_size` and yields only its contiguous
+    share (`shard_bounds`), so the shares of all ranks concatenate to the unsharded batch, bit
+    for bit, and only the share is gathered and augmented.
+    """
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(split), generator=generator) if shuffle else torch.arange(len(split))
     for start in range(0, len(split), batch_size):
         positions = order[start : start + batch_size]
+        draws = augmentation_draws(len(positions), augment, generator) if augment != "none" else None
+        if shard is not None:
+            low, high = shard_bounds(len(positions), *shard)
+            positions = positions[low:high]
+            if draws is not None:
+                draws = (draws[0][low:high], None if draws[1] is None else draws[1][low:high])
         images = split.images[positions]
-        if augment != "none":
-            images = augment_batch(images, augment, generator)
+        if draws is not None:
+            images = apply_augmentation(images, draws)
         yield images.float().div_(255.0), split.labels[positions], split.ids[positions]
 
 

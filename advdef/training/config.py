@@ -58,6 +58,10 @@ class TrainConfig:
     dual_bn: str | None = None
     # The training preset (`advdef train --preset`) whose recipe filled the unset options, if any.
     preset: str | None = None
+    # Data-parallel training (torchrun / --nproc): normalise BatchNorm with the statistics of the
+    # global batch over all ranks (advdef.training.sync_bn), which makes N ranks train the
+    # single-process model. No effect in a single process.
+    sync_bn: bool = False
 
     def validate(self) -> TrainConfig:
         """Resolve every plugin spec now, so mistakes fail before any work (UserError, exit 2)."""
@@ -70,6 +74,7 @@ class TrainConfig:
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (isinstance(self.compile, bool), "--compile is a flag: true or false"),
+            (isinstance(self.sync_bn, bool), "--sync-bn is a flag: true or false"),
             (self.lr > 0, "--lr must be positive"),
             (0 < self.val_fraction < 1, "--val-fraction must be in (0, 1)"),
             (self.limit_train is None or self.limit_train >= 2, "--limit-train must be at least 2"),

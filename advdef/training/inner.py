@@ -3,7 +3,9 @@
 Fixed-length ascents (PGD-AT, TRADES, MART) run `advdef.attacks.pgd.pgd_attack` with
 `track_best=False`, from the start point chosen here; FAT stops each example early, which that
 function does not offer, so its loop lives here and shares the projection. Noise comes from the
-trainer's per-epoch generator, so resumed runs repeat exactly.
+trainer's per-epoch generator, so resumed runs repeat exactly, and is drawn per example through
+`example_noise`, so data-parallel ranks together draw what one process would (see
+`advdef.training.distributed.BatchShare`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from advdef.attacks.pgd import project
 from advdef.models.base import Classifier
+from advdef.training.distributed import current_share
 
 BN_MODES = ("train", "eval")
 STARTS = ("normal", "uniform", "none")
@@ -65,10 +68,45 @@ def start_point(x: torch.Tensor, start: str, eps: float, generator: torch.Genera
     if start == "none":
         return x.detach().clone()
     if start == "normal":
-        noise = NORMAL_START_SCALE * torch.randn(x.shape, generator=generator)
+        noise = NORMAL_START_SCALE * example_noise("normal", x.shape, generator)
     else:
-        noise = (2 * torch.rand(x.shape, generator=generator) - 1) * eps
+        noise = (2 * example_noise("uniform", x.shape, generator) - 1) * eps
     return (x.detach() + noise.to(x.device, x.dtype)).clamp(0, 1)
+
+
+def example_noise(
+    kind: str, shape: torch.Size | tuple[int, ...], generator: torch.Generator, place: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """N(0,1) ("normal") or U[0,1) ("uniform") noise, one row per example of this process's batch.
+
+    Under data parallelism (`advdef.training.distributed.sharing`) the rows held here are a share
+    of a global batch: the noise is drawn for every row of it and this share's rows are kept, so
+    the ranks' rows together are exactly the single-process draw. `place` = (rows on lower ranks,
+    rows on all ranks) for a draw over a subset of the batch (`BatchShare.place`); by default the
+    draw covers the whole batch. Outside the trainer it is a plain draw of `shape`.
+    """
+    if kind not in ("normal", "uniform"):
+        raise ValueError(f"noise kind must be 'normal' or 'uniform', got {kind!r}")
+    share = current_share()
+    rows = shape[0]
+    if place is not None:
+        offset, total = place
+    elif share is not None:
+        if rows != share.size:
+            raise ValueError(f"a batch-wide draw needs this process's {share.size} rows, got {rows}")
+        offset, total = share.offset, share.total
+    else:
+        offset, total = 0, rows
+    draw = torch.randn if kind == "normal" else torch.rand
+    noise = draw((total, *shape[1:]), generator=generator)
+    return noise if total == rows else noise[offset : offset + rows]
+
+
+def running_place(count: int) -> tuple[int, int]:
+    """(rows on lower ranks, rows on all ranks) of a subset of the batch of which `count` rows
+    are held here: a collective under data parallelism, (0, count) otherwise."""
+    share = current_share()
+    return share.place(count) if share is not None else (0, count)
 
 
 def input_gradient(
@@ -118,19 +156,27 @@ def early_stopped_ascent(
     running = torch.arange(len(x), device=x.device)
     for _ in range(steps):
         rows = torch.arange(len(x), device=x.device) if whole_batch else running
-        logits, gradient = input_gradient(forward, objective, x_adv[rows], y[rows])
-        if whole_batch:
-            logits, gradient = logits[running], gradient[running]
-        wrong = logits.argmax(1) != y[running]
+        if len(rows):
+            logits, gradient = input_gradient(forward, objective, x_adv[rows], y[rows])
+            if whole_batch:
+                logits, gradient = logits[running], gradient[running]
+            wrong = logits.argmax(1) != y[running]
+        else:  # only under data parallelism: this rank's examples all stopped, others' run on
+            gradient, wrong = torch.zeros_like(x_adv[:0]), torch.zeros(0, dtype=torch.bool, device=x.device)
         stop = wrong & (budget[running] == 0)
         budget[running[wrong & ~stop]] -= 1
         go = ~stop
         running, gradient = running[go], gradient[go]
-        if len(running) == 0:
+        # Every rank continues while any example of the global batch runs (train-mode crafting
+        # with synchronised BatchNorm needs the ranks' forwards in step), and the omega noise is
+        # drawn over the global batch's running examples.
+        place = running_place(len(running))
+        if place[1] == 0:
             break
         update = alpha * gradient.sign()
         if omega:
-            update = update + omega * torch.randn(update.shape, generator=generator).to(update.device, update.dtype)
+            noise = example_noise("normal", update.shape, generator, place=place)
+            update = update + omega * noise.to(update.device, update.dtype)
         x_adv[running] = project(x_adv[running] + update, x[running], eps)
         taken[running] += 1
     return x_adv.detach(), taken

@@ -169,10 +169,13 @@ def craft_training_attack(
     `objective` (from the defense) replaces the final-logit cross-entropy when given.
     """
     loss = objective if objective is not None else "ce"
+    # The uniform start is drawn here rather than by pgd_attack (same draw, same values) because
+    # `start_point` draws per example for the global batch under data parallelism.
+    x_start = start_point(x, "uniform" if random_start else "none", eps, generator)
     with crafting(model, bn_mode) as forward:
         # Without best-iterate tracking every step forwards the whole batch, so y lines up.
         x_adv = pgd_attack(lambda inputs: forward(inputs, y), x, y, eps=eps, alpha=alpha, steps=steps,
-                           random_start=random_start, loss=loss, generator=generator, track_best=False)
+                           random_start=False, x_start=x_start, loss=loss, generator=generator, track_best=False)
     return x_adv.detach()
 
 
