@@ -224,7 +224,7 @@ def train(
 
 
 def _train_ranks(dist: Any, resume: Optional[str], preset: Optional[str], milestones: Optional[str],
-                 options: dict[str, Any], store_path: Optional[Path], runs_dir: Optional[Path]) -> None:
+                 options: dict[str, Any], store_path: Optional[str], runs_dir: Optional[Path]) -> None:
     """`train` on this process: rank 0 (or the only process) uses the store and reports; the other
     torchrun ranks train silently without opening the store."""
     from contextlib import nullcontext

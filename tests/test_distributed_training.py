@@ -236,24 +236,37 @@ def _join_group(rank: int, world_size: int, port: int) -> None:
 SYNC_BN_ROWS = (5, 3)  # uneven shares of an 8-row batch
 
 
+SYNC_BN_SHAPES = (("2d", (8, 4, 3, 3)), ("1d", (8, 6)))
+
+
+def _plain_batchnorm(name: str) -> torch.nn.Module:
+    """The reference BatchNorm of a SyncBN test, with the same non-trivial affine on every rank."""
+    torch.manual_seed(0)
+    plain = torch.nn.BatchNorm2d(4) if name == "2d" else torch.nn.BatchNorm1d(6)
+    with torch.no_grad():
+        plain.weight.uniform_(0.5, 1.5)
+        plain.bias.uniform_(-0.5, 0.5)
+    return plain
+
+
+def _global_batch(shape: tuple[int, ...], step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, upstream gradient) of the global batch at `step`, the same on every rank."""
+    generator = torch.Generator().manual_seed(step)
+    x = torch.randn(shape, generator=generator) * 3 + 2
+    return x, torch.randn(shape, generator=generator)
+
+
 def _sync_bn_rank(rank: int, port: int, folder: str) -> None:
     from advdef.training.sync_bn import SyncBatchNorm
 
     _join_group(rank, 2, port)
     results = {}
-    for name, shape in (("2d", (8, 4, 3, 3)), ("1d", (8, 6))):
-        torch.manual_seed(0)
-        plain = torch.nn.BatchNorm2d(4) if name == "2d" else torch.nn.BatchNorm1d(6)
-        with torch.no_grad():
-            plain.weight.uniform_(0.5, 1.5)
-            plain.bias.uniform_(-0.5, 0.5)
-        layer = SyncBatchNorm.from_batchnorm(plain)
+    for name, shape in SYNC_BN_SHAPES:
+        layer = SyncBatchNorm.from_batchnorm(_plain_batchnorm(name))
         start = sum(SYNC_BN_ROWS[:rank])
         rows = slice(start, start + SYNC_BN_ROWS[rank])
         for step in range(2):  # two steps: running statistics and num_batches_tracked advance twice
-            generator = torch.Generator().manual_seed(step)
-            x_global = torch.randn(shape, generator=generator) * 3 + 2
-            upstream = torch.randn(shape, generator=generator)
+            x_global, upstream = _global_batch(shape, step)
             x = x_global[rows].clone().requires_grad_(True)
             layer.zero_grad()
             out = layer(x)
@@ -270,17 +283,12 @@ def _sync_bn_rank(rank: int, port: int, folder: str) -> None:
 
 def test_sync_batchnorm_matches_batchnorm_on_the_concatenated_batch(tmp_path):
     run_ranks(_sync_bn_rank, (free_port(), str(tmp_path)))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for name, shape in (("2d", (8, 4, 3, 3)), ("1d", (8, 6))):
-        torch.manual_seed(0)
-        plain = torch.nn.BatchNorm2d(4) if name == "2d" else torch.nn.BatchNorm1d(6)
-        with torch.no_grad():
-            plain.weight.uniform_(0.5, 1.5)
-            plain.bias.uniform_(-0.5, 0.5)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for name, shape in SYNC_BN_SHAPES:
+        plain = _plain_batchnorm(name)
         for step in range(2):
-            generator = torch.Generator().manual_seed(step)
-            x = (torch.randn(shape, generator=generator) * 3 + 2).requires_grad_(True)
-            upstream = torch.randn(shape, generator=generator)
+            x, upstream = _global_batch(shape, step)
+            x.requires_grad_(True)
             plain.zero_grad()
             out = plain(x)
             (out * upstream).sum().backward()
@@ -340,7 +348,7 @@ def test_training_attacks_of_two_ranks_are_the_single_process_attack(tmp_path):
     """Random starts (uniform and normal) and FAT's per-step noise over the examples still running
     on any rank: the ranks' rows concatenate to the single-process result, bit for bit."""
     run_ranks(_crafting_rank, (free_port(), str(tmp_path)))
-    ranks = [torch.load(tmp_path / f"craft{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"craft{r}.pt", weights_only=True) for r in range(2)]
     for at in CRAFTING:
         assert torch.equal(torch.cat([ranks[0][at], ranks[1][at]]), _crafting_case(at, None)), at
 
@@ -402,6 +410,6 @@ def test_defenses_with_auxiliary_heads_and_every_method_train_under_ddp(tmp_path
         runs = store.runs()
         assert len(runs) == len(MATRIX) and all(r["status"] == "trained" and r["epochs_done"] == 1 for r in runs)
     for index, case in enumerate(MATRIX):
-        ours, theirs = (torch.load(tmp_path / f"case{index}-rank{r}.pt") for r in range(2))
+        ours, theirs = (torch.load(tmp_path / f"case{index}-rank{r}.pt", weights_only=True) for r in range(2))
         for key in ours:
             assert torch.equal(ours[key], theirs[key]), (case, key)
