@@ -203,7 +203,7 @@ def train(
         device=device, channels_last=channels_last, amp=amp, compile=compile, sync_bn=sync_bn,
     )
     if nproc is not None:
-        from advdef.training.launch import check_nproc, relaunch
+        from advdef.launch import check_nproc, relaunch
 
         check_nproc(nproc)
         if resume is None:  # mistakes in the options end here, before N processes start
@@ -353,6 +353,7 @@ EpochOption = Annotated[Optional[int], typer.Option("--epoch", help="Evaluate th
 @app.command()
 @handles_user_errors
 def evaluate(
+    ctx: typer.Context,
     attacks: Annotated[Optional[str], typer.Option("--attacks", help="Comma-separated attack specs or suite names, e.g. fgsm,pgd20,cw,aa or pgd20,adaptive. (default: --suite full on --n 100)")] = None,
     suite: Annotated[Optional[str], typer.Option("--suite", help=SUITE_HELP)] = None,
     run: Annotated[Optional[list[str]], typer.Option("--run", help="Run id (repeatable); default: every run lacking these attacks.")] = None,
@@ -373,6 +374,7 @@ def evaluate(
     n_check: Annotated[int, typer.Option("--n-check", help="Samples the sanity checks attack.")] = 100,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Run shard K of N (e.g. 2/4) of each evaluation: N processes on N GPUs or machines, sharing one --store, together give the unsharded outcomes. Under torchrun each rank takes its shard.")] = None,
     shard_wait: Annotated[Optional[float], typer.Option("--shard-wait", help="Seconds a shard waits for the others between attacks before giving up (default: no limit).")] = None,
+    nproc: Annotated[Optional[int], typer.Option("--nproc", help="Shard over N processes on this machine (re-runs this command under torchrun: one GPU each on CUDA). Under torchrun, leave it out.")] = None,
     store_path: StoreOption = None,
 ) -> None:
     """Measure robust accuracy per attack and the per-sample worst case, then run sanity checks; resumable."""
@@ -396,6 +398,13 @@ def evaluate(
                           shard_wait=shard_wait)
     if shard_wait is not None and shard_wait < 0:
         raise UserError("--shard-wait must be at least 0 seconds")
+    if nproc is not None:  # the options were checked above, before N processes start
+        from advdef.launch import check_nproc, relaunch
+
+        check_nproc(nproc)
+        if shard is not None:
+            raise UserError("--nproc gives each process its shard; drop --shard")
+        raise typer.Exit(relaunch(ctx, nproc, ["evaluate"]))
     store = _open_store(store_path)
     with _reporter() as reporter:
         eval_ids = pipeline.evaluate(store, config, run, reporter)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from advdef.cli import app
 from advdef.errors import UserError
-from advdef.evaluation.engine import EvalConfig, _batches, evaluate_run
+from advdef.evaluation.engine import EvalConfig, _batches, check_same_order, evaluate_run, shared_batch_size
 from advdef.evaluation.sharding import Shard, from_environment, missing_shards, parse_shard, refusal, wait_until_complete
 from advdef.progress import SilentReporter
 from advdef.report import comparison_tables, refused_evaluations
@@ -52,11 +52,29 @@ def test_torchrun_environment_gives_the_rank_its_shard():
     assert from_environment({}) is None
 
 
-def _evaluation(store: Store, n: int = 4) -> int:
+def _evaluation(store: Store, n: int = 4, batch_size: int = 2) -> int:
     store.insert_run({"run_id": "r", "status": "trained", "dataset": "d", "arch": "a", "defense": "none",
                       "at_method": "standard", "seed": 0, "run_dir": "/x", "config": {}, "versions": {}})
-    protocol = {"eps": "8/255", "norm": "Linf", "n": n, "sample_hash": "h", "seed": 0}
+    protocol = {"eps": "8/255", "norm": "Linf", "n": n, "sample_hash": "h", "seed": 0, "batch_size": batch_size}
     return store.get_or_create_evaluation("r", "k", protocol, list(range(n)))
+
+
+def test_shards_share_the_batch_size_the_evaluation_recorded(store):
+    """The batch size draws the layout the shards split: auto adopts the recorded one, another is refused."""
+    eval_id = _evaluation(store, batch_size=32)
+    assert shared_batch_size(store, eval_id, 32, False, Shard(2, 2)) == 32
+    assert shared_batch_size(store, eval_id, 256, True, Shard(2, 2)) == 32  # --batch-size auto probed 256
+    with pytest.raises(UserError, match=r"--batch-size 64, but evaluation \d+ runs with batch size 32"):
+        shared_batch_size(store, eval_id, 64, False, Shard(2, 2))
+
+
+def test_shard_with_another_attack_order_is_refused(store):
+    eval_id = _evaluation(store)
+    for attack in ("clean", "fgsm", "pgd"):
+        store.start_attack(eval_id, attack, {})
+    check_same_order(store, eval_id, ["clean", "fgsm"], "pgd", Shard(2, 2))
+    with pytest.raises(UserError, match="another order"):
+        check_same_order(store, eval_id, ["clean", "pgd"], "fgsm", Shard(2, 2))
 
 
 def test_waiting_shard_gives_up_naming_what_is_missing(store):
@@ -175,22 +193,41 @@ def test_two_shard_processes_equal_the_unsharded_evaluation_per_sample(trained_s
         assert refused_evaluations(store) == []
 
 
-def test_torchrun_ranks_shard_automatically(trained_store, tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "nproc"])
+def test_torchrun_ranks_shard_automatically(trained_store, tmp_path, launcher):
+    """Under torchrun (or `advdef evaluate --nproc 2`, which re-runs itself under torchrun) each rank takes its shard."""
     pytest.importorskip("torch.distributed.run")
     _, runs = trained_store
     expected = _unsharded(trained_store, tmp_path)
     sharded = _copy(trained_store, tmp_path / "torchrun.sqlite")
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         *_command(sharded, runs["pgd_at"], "--no-checks")],
-        capture_output=True, text=True, timeout=600, env=env,
-    )
+    command = _command(sharded, runs["pgd_at"], "--no-checks")
+    if launcher == "torchrun":
+        command = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *command]
+    else:
+        command = [arg for arg in command if arg != "--"] + ["--nproc", "2"]
+    result = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert _outcomes(sharded, runs["pgd_at"]) == expected
     with Store(sharded) as store:
         (evaluation,) = store.evaluations(runs["pgd_at"])
         assert [(s["shard"], s["shards"]) for s in store.shards(evaluation["eval_id"])] == [(1, 2), (2, 2)]
+
+
+def test_nproc_rebuilds_repeated_options_and_refuses_shard(monkeypatch):
+    launched = []
+    monkeypatch.setattr(subprocess, "run", lambda command, check: launched.append(command) or
+                        subprocess.CompletedProcess(command, 0))
+    result = CliRunner().invoke(app, ["evaluate", "--attacks", "fgsm", "--run", "a", "--run", "b", "--n", "10",
+                                      "--no-checks", "--nproc", "2"])
+    assert result.exit_code == 0, result.output
+    (command,) = launched
+    arguments = command[command.index("advdef") + 1:]
+    assert arguments[:2] == ["--", "evaluate"] and "--nproc" not in arguments
+    assert [arguments[i + 1] for i, a in enumerate(arguments) if a == "--run"] == ["a", "b"]
+    assert "--no-checks" in arguments and arguments[arguments.index("--n") + 1] == "10"
+    result = CliRunner().invoke(app, ["evaluate", "--attacks", "fgsm", "--shard", "1/2", "--nproc", "2"])
+    assert result.exit_code == 2 and "drop --shard" in result.output
 
 
 def test_shards_on_a_shared_postgresql_store_equal_the_unsharded_evaluation(trained_store, tmp_path, postgres_url):

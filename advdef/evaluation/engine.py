@@ -198,6 +198,7 @@ def evaluate_run(store: Store, run_id: str, config: EvalConfig, reporter: Report
     config = replace(config, batch_size=batching.check_batch_size(config.batch_size),
                      amp=precision.check_amp(config.amp, config.amp_check_n, select_device(config.device)))
     target = load_target(store, run_id, config)
+    asked_auto = config.batch_size == batching.AUTO
     config = replace(config, batch_size=batching.resolve_batch_size(store, target, config))
     target.protocol["batch_size"] = config.batch_size
     context = config.suite_context(store, target.run, target.defense)
@@ -209,11 +210,15 @@ def evaluate_run(store: Store, run_id: str, config: EvalConfig, reporter: Report
     )
     shard = config.shard
     if shard.sharded:
+        config = replace(config, batch_size=shared_batch_size(store, eval_id, config.batch_size, asked_auto, shard))
+        target.protocol["batch_size"] = config.batch_size
         store.register_shard(eval_id, shard.index, shard.count, host_label())
     with eval_mode(target.model) as view:
         target.view = view
         run_clean(store, eval_id, target, config, reporter)
-        for spec in attacks:
+        for index, spec in enumerate(attacks):
+            if shard.sharded:
+                check_same_order(store, eval_id, [CLEAN, *attacks[:index]], spec, shard)
             run_attack(store, eval_id, target, spec, config, reporter, suite=context.origins.get(spec))
         if shard.leader:  # once per evaluation, on the complete outcomes
             wait_until_complete(store, eval_id, [CLEAN, *attacks], len(target.samples), shard, reporter,
@@ -226,6 +231,31 @@ def evaluate_run(store: Store, run_id: str, config: EvalConfig, reporter: Report
     if shard.sharded:
         store.finish_shard(eval_id, shard.index, shard.count)
     return eval_id
+
+
+def shared_batch_size(store: Store, eval_id: int, batch_size: int, asked_auto: bool, shard: Shard) -> int:
+    """The batch size every shard of an evaluation must use: the one its first process recorded.
+
+    Shards split the batches of one layout, and the batch size draws that layout: a shard with
+    another size would leave batches to nobody. `--batch-size auto` adopts the recorded size (two
+    GPUs of different memory may probe different ones); a different explicit size is refused.
+    """
+    recorded = store.get_evaluation(eval_id)["protocol"].get("batch_size")
+    if not isinstance(recorded, int) or recorded == batch_size:
+        return batch_size
+    if asked_auto:
+        return recorded
+    raise UserError(f"shard {shard} asks for --batch-size {batch_size}, but evaluation {eval_id} runs with batch size "
+                    f"{recorded}; every shard must use the same: --batch-size {recorded} (or auto)")
+
+
+def check_same_order(store: Store, eval_id: int, ran_before: list[str], spec: str, shard: Shard) -> None:
+    """Refuse a shard whose attack order differs from the evaluation's: it would wait for an attack
+    it has not run yet, while the others wait for it."""
+    order = [a["attack"] for a in store.eval_attacks(eval_id)]
+    if spec in order and any(a in order and order.index(a) > order.index(spec) for a in ran_before):
+        raise UserError(f"shard {shard} runs the attacks in another order than evaluation {eval_id} "
+                        f"({', '.join(a.split(':')[0] for a in order)}); start every shard with the same --attacks")
 
 
 def _batches(positions: torch.Tensor, batch_size: int, shard: Shard = ALL):

@@ -241,6 +241,12 @@ class Store:
             return self._rows("SELECT * FROM evaluations ORDER BY eval_id")
         return self._rows("SELECT * FROM evaluations WHERE run_id = ? ORDER BY eval_id", (run_id,))
 
+    def get_evaluation(self, eval_id: int) -> dict[str, Any]:
+        row = self._row(self._one("SELECT * FROM evaluations WHERE eval_id = ?", (eval_id,)))
+        if row is None:
+            raise UserError(f"no evaluation {eval_id} in store {self.path}")
+        return row
+
     def eval_attacks(self, eval_id: int) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM eval_attacks WHERE eval_id = ? ORDER BY position", (eval_id,))
 

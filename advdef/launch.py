@@ -1,4 +1,6 @@
-"""`advdef train --nproc N`: re-run the same command under torchrun with N processes.
+"""`advdef train|evaluate --nproc N`: re-run the same command under torchrun with N processes.
+
+Training ranks form one DistributedDataParallel group; evaluation ranks each take a shard.
 
 The child command is rebuilt from the options the CLI parsed (those given on the command line, in
 their canonical spelling), not from sys.argv, so it is the same whether the CLI was started from
@@ -32,6 +34,10 @@ def given_arguments(ctx: Any, exclude: Collection[str] = ()) -> list[str]:
         if source is None or source.name != "COMMANDLINE":
             continue
         value = ctx.params[name]
+        if getattr(parameter, "multiple", False):  # repeatable options (`--run A --run B`)
+            for item in value or ():
+                arguments += [parameter.opts[0], str(item)]
+            continue
         if parameter.is_flag:
             if value:
                 arguments.append(parameter.opts[0])
@@ -55,7 +61,7 @@ def torchrun_command(nproc: int, arguments: list[str]) -> list[str]:
 def check_nproc(nproc: int) -> None:
     """A one-line UserError for an --nproc that cannot work here."""
     if nproc < 2:
-        raise UserError(f"--nproc must be at least 2 (got {nproc}); leave it out to train in one process")
+        raise UserError(f"--nproc must be at least 2 (got {nproc}); leave it out to run in one process")
     if launched_world_size() > 1:
         raise UserError("--nproc re-launches under torchrun, but this process already runs under torchrun; drop --nproc")
     if not torch.distributed.is_available():
