@@ -158,13 +158,11 @@ def store_rates(args, folder: Path) -> list[dict]:
             offset = 0 if writers == 1 else n  # the two-writer case writes fresh ids (inserts, not updates)
             processes = [context.Process(target=_write, args=(location, eval_id, offset + w * args.store_batches * 256,
                                                               args.store_batches, queue)) for w in range(writers)]
-            started = time.perf_counter()
             for process in processes:
                 process.start()
             for process in processes:
                 process.join()
-            wall = time.perf_counter() - started
-            seconds = [queue.get() for _ in processes]
+            seconds = [queue.get() for _ in processes]  # each writer's own time, process start-up excluded
             rows.append({"case": f"store {backend}, {writers} writer(s)", "threads": 1, "wall_s": max(seconds),
                          "rate": writers * args.store_batches * 256 / max(seconds), "unit": "outcome rows/s"})
         with Store(location) as store:
