@@ -52,7 +52,7 @@ class DistributedContext:
         index was asked for (one `--device` serves every rank); otherwise `requested`."""
         if not self.is_distributed or requested.type != "cuda":
             return requested
-        device = torch.device("cuda", self.local_rank)
+        device = torch.device("cuda", self.local_rank % torch.cuda.device_count())  # as from_environment chose
         torch.cuda.set_device(device)
         return device
 
