@@ -83,6 +83,17 @@ def _settings(published: Mapping[str, Any]) -> Iterator[tuple[str, str, str, Any
                 yield dataset, arch, at, value
 
 
+def _defended_and_baseline(name: str, factory: Any, baselines: str, label: str
+                           ) -> Iterator[tuple[str, str, str, str, str, Mapping[str, Any]]]:
+    """(defense, note, dataset, arch, at, raw metrics) of a plugin's `published` rows, then of the
+    paper's undefended rows in attribute `baselines` (defense "none", noted as the baseline)."""
+    for defense, data, note in ((name, getattr(factory, "published", {}), ""),
+                                ("none", getattr(factory, baselines, {}), f" (the paper's baseline without {label})")):
+        for dataset, arch, at, raw in _settings(data):
+            if isinstance(raw, Mapping):
+                yield defense, note, dataset, arch, at, raw
+
+
 def _lam(value: float) -> str:
     return f"{value:g}"
 
@@ -286,17 +297,12 @@ def _fsr_source(arch: str, metrics: Mapping[str, float], ablation: bool = False)
 
 def _fsr(name: str, factory: Any) -> list[PublishedResult]:
     records = []
-    for defense, data, note in ((name, getattr(factory, "published", {}), ""),
-                                ("none", getattr(factory, "published_baselines", {}),
-                                 " (the paper's baseline without FSR)")):
-        for dataset, arch, at, raw in _settings(data):
-            if not isinstance(raw, Mapping):
-                continue
-            metrics = _numbers(raw)
-            records.append(PublishedResult(
-                defense=defense, dataset=dataset, arch=arch, at=at, checkpoint="last", metrics=metrics,
-                source=_fsr_source(arch, metrics) + note, protocol=_fsr_protocol(dataset, metrics), paper=name,
-            ))
+    for defense, note, dataset, arch, at, raw in _defended_and_baseline(name, factory, "published_baselines", "FSR"):
+        metrics = _numbers(raw)
+        records.append(PublishedResult(
+            defense=defense, dataset=dataset, arch=arch, at=at, checkpoint="last", metrics=metrics,
+            source=_fsr_source(arch, metrics) + note, protocol=_fsr_protocol(dataset, metrics), paper=name,
+        ))
     # Table 6: the same setting as ResNet-18 / CIFAR-10 / PGD-AT with a part of FSR removed. "full" is
     # the main record again.
     for ablation, raw in getattr(factory, "published_ablations", {}).items():
@@ -353,29 +359,24 @@ def _ewas_source(dataset: str, metrics: Mapping[str, float], arch: str) -> str:
 def _ewas(name: str, factory: Any) -> list[PublishedResult]:
     records = []
     sweep = getattr(factory, "attack_lam_sweep", {})
-    for defense, data, note in ((name, getattr(factory, "published", {}), ""),
-                                ("none", getattr(factory, "paper_baselines", {}),
-                                 " (the paper's baseline without EWAS)")):
-        for dataset, arch, at, raw in _settings(data):
-            if not isinstance(raw, Mapping):
-                continue
-            metrics = _numbers(raw)
-            lam = _ewas_lam(factory, dataset)
-            spec = defense
-            if defense == name and lam != 0.01:  # the plugin's default lam is CIFAR-10's 0.01
-                spec = f"{name}:lam={_lam(lam)}"
-            tables = sweep.get(dataset, {}).get(arch) if defense == name and at == "pgd_at" else None
-            if isinstance(tables, Mapping) and tables.get("clean") == raw.get("clean"):
-                for attack_lam, values in tables.get("by_attack_lam", {}).items():
-                    if float(attack_lam) == lam:
-                        continue  # the headline columns
-                    for attack, value in zip(("fgsm", "pgd20", "cw"), values):
-                        metrics[f"{attack}@attack_lam={_lam(float(attack_lam))}"] = float(value)
-            records.append(PublishedResult(
-                defense=spec, dataset=dataset, arch=arch, at=at, checkpoint="last", metrics=metrics,
-                source=_ewas_source(dataset, metrics, arch) + note,
-                protocol=_ewas_protocol(dataset, arch, defense == name, lam, metrics), paper=name,
-            ))
+    for defense, note, dataset, arch, at, raw in _defended_and_baseline(name, factory, "paper_baselines", "EWAS"):
+        metrics = _numbers(raw)
+        lam = _ewas_lam(factory, dataset)
+        spec = defense
+        if defense == name and lam != 0.01:  # the plugin's default lam is CIFAR-10's 0.01
+            spec = f"{name}:lam={_lam(lam)}"
+        tables = sweep.get(dataset, {}).get(arch) if defense == name and at == "pgd_at" else None
+        if isinstance(tables, Mapping) and tables.get("clean") == raw.get("clean"):
+            for attack_lam, values in tables.get("by_attack_lam", {}).items():
+                if float(attack_lam) == lam:
+                    continue  # the headline columns
+                for attack, value in zip(("fgsm", "pgd20", "cw"), values):
+                    metrics[f"{attack}@attack_lam={_lam(float(attack_lam))}"] = float(value)
+        records.append(PublishedResult(
+            defense=spec, dataset=dataset, arch=arch, at=at, checkpoint="last", metrics=metrics,
+            source=_ewas_source(dataset, metrics, arch) + note,
+            protocol=_ewas_protocol(dataset, arch, defense == name, lam, metrics), paper=name,
+        ))
     return records
 
 
