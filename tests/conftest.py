@@ -109,3 +109,29 @@ def postgres_url() -> Iterator[str]:
             yield with_search_path(server, schema)
         finally:
             admin.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+def interrupt_evaluation(monkeypatch, source: Store, run_id: str, config, *, nth: int, selects) -> Store:
+    """Evaluate `run_id` into a fresh in-memory store (the run copied from `source`), raising
+    KeyboardInterrupt from `Store.record_outcomes` on its `nth` call that `selects(attack, costs)`
+    picks: a kill mid-attack, after the earlier batches were stored. Returns the half-filled store."""
+    from advdef.evaluation.engine import evaluate_run
+
+    calls = {"n": 0}
+    original = Store.record_outcomes
+
+    def flaky(self, eval_id, attack, rows, seconds, **costs):
+        if selects(attack, costs):
+            calls["n"] += 1
+            if calls["n"] == nth:
+                raise KeyboardInterrupt
+        return original(self, eval_id, attack, rows, seconds, **costs)
+
+    fresh = Store(memory=True)
+    fresh.insert_run(source.get_run(run_id))
+    monkeypatch.setattr(Store, "record_outcomes", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_run(fresh, run_id, config)
+    monkeypatch.setattr(Store, "record_outcomes", original)
+    assert calls["n"] == nth, "the interruption hit a selected batch"
+    return fresh

@@ -17,6 +17,7 @@ from advdef.evaluation.engine import EvalConfig, evaluate_run
 from advdef.evaluation.summary import summarize
 from advdef.store import Store
 from advdef.store.schema import MIGRATIONS
+from conftest import interrupt_evaluation
 
 B = 5
 EPS = Fraction(8, 255)
@@ -226,23 +227,8 @@ def test_interrupted_evaluation_counts_each_stored_batch_once(eval_store, monkey
 
     # The same evaluation in another store, killed after the passes of a PGD batch were spent
     # but before its outcomes were stored: the resumed run recomputes that batch.
-    calls = {"pgd": 0}
-    original = Store.record_outcomes
-
-    def flaky(self, eval_id, attack, rows, seconds, **costs):
-        if attack.startswith("pgd") and costs.get("forwards"):
-            calls["pgd"] += 1
-            if calls["pgd"] == 2:
-                raise KeyboardInterrupt
-        return original(self, eval_id, attack, rows, seconds, **costs)
-
-    fresh = Store(memory=True)
-    fresh.insert_run(store.get_run(runs["pgd_at"]))
-    monkeypatch.setattr(Store, "record_outcomes", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        evaluate_run(fresh, runs["pgd_at"], config)
-    monkeypatch.setattr(Store, "record_outcomes", original)
-    assert calls["pgd"] == 2, "the interruption hit a PGD batch"
+    fresh = interrupt_evaluation(monkeypatch, store, runs["pgd_at"], config, nth=2,
+                                 selects=lambda attack, costs: attack.startswith("pgd") and costs.get("forwards"))
     resumed = evaluate_run(fresh, runs["pgd_at"], config)
 
     assert _costs(fresh, resumed) == _costs(store, reference)

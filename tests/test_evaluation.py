@@ -9,6 +9,7 @@ from advdef.evaluation.stats import Proportion, wilson_interval
 from advdef.evaluation.summary import summarize
 from advdef.pipeline import evaluate, pending_runs
 from advdef.store import Store
+from conftest import interrupt_evaluation
 
 CHEAP = ["fgsm", "pgd:steps=5"]
 
@@ -78,25 +79,9 @@ def test_interrupted_evaluation_resumes_to_the_same_outcomes(eval_store, monkeyp
 
     other = EvalConfig(attacks=CHEAP, n=60, device="cpu", batch_size=16, seed=3, epoch=store.get_run(runs["standard"])["best_epoch"])
     # A second store evaluating the same run, killed after two stored batches of the second attack.
-    import advdef.evaluation.engine as engine
-
-    calls = {"n": 0}
-    original = Store.record_outcomes
-
-    def flaky(self, eval_id, attack, rows, seconds, **costs):
-        if attack.startswith("pgd"):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise KeyboardInterrupt
-        return original(self, eval_id, attack, rows, seconds, **costs)
-
-    fresh = Store(memory=True)
-    fresh.insert_run(store.get_run(runs["standard"]))
-    monkeypatch.setattr(Store, "record_outcomes", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        engine.evaluate_run(fresh, runs["standard"], other)
-    monkeypatch.setattr(Store, "record_outcomes", original)
-    eval_id = engine.evaluate_run(fresh, runs["standard"], other)
+    fresh = interrupt_evaluation(monkeypatch, store, runs["standard"], other, nth=3,
+                                 selects=lambda attack, costs: attack.startswith("pgd"))
+    eval_id = evaluate_run(fresh, runs["standard"], other)
     resumed = [(r["attack"], r["sample_id"], r["robust"], r["prediction"]) for r in fresh.outcomes(eval_id)]
     assert resumed == expected
 
