@@ -315,10 +315,10 @@ def earlier_attacks(store: Store, eval_id: int, spec: str) -> list[str]:
     return [a["attack"] for a in attacks if a["attack"] != spec and (this is None or a["position"] < this["position"])]
 
 
-def eligible_positions(store: Store, eval_id: int, target: EvaluationTarget, spec: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions to attack, positions skipped): skipped = clean-wrong or broken by an earlier attack."""
+def eligible_positions(store: Store, eval_id: int, target: EvaluationTarget, earlier: list[str]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions to attack, positions skipped): skipped = clean-wrong or broken by an `earlier` attack."""
     positions_of = {int(sid): i for i, sid in enumerate(target.samples.ids.tolist())}
-    earlier = earlier_attacks(store, eval_id, spec)
     alive = torch.zeros(len(target.samples), dtype=torch.bool)
     for row in store.outcomes(eval_id, CLEAN):
         if row["robust"] == 1 and row["sample_id"] in positions_of:
@@ -348,8 +348,9 @@ def run_attack(
     if any(a["attack"] == spec and a["status"] == "done" for a in store.eval_attacks(eval_id)):
         return
     # Which samples are still robust depends on every shard's outcomes of the earlier attacks.
-    wait_until_complete(store, eval_id, earlier_attacks(store, eval_id, spec), len(target.samples), config.shard, reporter, config.shard_wait)
-    attack_positions, skipped = eligible_positions(store, eval_id, target, spec)
+    earlier = earlier_attacks(store, eval_id, spec)
+    wait_until_complete(store, eval_id, earlier, len(target.samples), config.shard, reporter, config.shard_wait)
+    attack_positions, skipped = eligible_positions(store, eval_id, target, earlier)
     samples = target.samples
     done = {row["sample_id"] for row in store.outcomes(eval_id, spec)}
     skipped_rows = [
